@@ -1,0 +1,187 @@
+"""SAConfig: the model's shape, declared as plain data, shared-attention groups included.
+
+The groups are part of the architecture, not a training trick, so they are declared up front and
+normalised to one canonical form: a list of groups of consecutive layer indices covering every layer
+in order. The first layer of a group is its *anchor* (it computes Q, K and the attention weights);
+the others are *shared* layers that reuse the anchor's weights with their own values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from sa_train.errors import ConfigError
+
+GroupSpec = str | list[list[int]]
+AttentionBackendName = Literal["auto", "torch", "triton", "reference"]
+
+SHORTHAND_HELP = (
+    "Use 'dense' (every layer its own group), 'every:G' (an anchor every G layers) or "
+    "'dense:D,every:G' (D dense layers first, then groups of G), or an explicit list of groups such "
+    "as [[0], [1, 2, 3], [4, 5]]."
+)
+
+
+def parse_groups(spec: GroupSpec, n_layers: int) -> list[list[int]]:
+    """Turn a group spec (shorthand string or explicit list) into the canonical list of groups."""
+    if isinstance(spec, str):
+        groups = _expand_shorthand(spec.strip(), n_layers)
+    else:
+        groups = [list(group) for group in spec]
+    _validate_groups(groups, n_layers)
+    return groups
+
+
+def _expand_shorthand(spec: str, n_layers: int) -> list[list[int]]:
+    dense, every = 0, 1
+    if spec != "dense":
+        for part in spec.split(","):
+            key, _, value = part.strip().partition(":")
+            if key not in ("dense", "every") or not value.strip().isdigit():
+                raise ConfigError(
+                    f"model.sa_groups: cannot read {spec!r} (at {part.strip()!r}). {SHORTHAND_HELP}"
+                )
+            if key == "dense":
+                dense = int(value)
+            else:
+                every = int(value)
+        if every < 1:
+            raise ConfigError(f"model.sa_groups: group size in {spec!r} must be at least 1. {SHORTHAND_HELP}")
+        if dense > n_layers:
+            raise ConfigError(
+                f"model.sa_groups: {spec!r} asks for {dense} dense layers but the model has n_layers="
+                f"{n_layers}; lower the dense count."
+            )
+    groups = [[layer] for layer in range(dense)]
+    groups += [list(range(start, min(start + every, n_layers))) for start in range(dense, n_layers, every)]
+    return groups
+
+
+def _validate_groups(groups: list[list[int]], n_layers: int) -> None:
+    expected = 0
+    for index, group in enumerate(groups):
+        if not group:
+            raise ConfigError(
+                f"model.sa_groups: group {index} is empty; every group needs at least one layer."
+            )
+        for layer in group:
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise ConfigError(
+                    f"model.sa_groups: group {index} holds {layer!r}; layer indices are integers."
+                )
+            if not 0 <= layer < n_layers:
+                raise ConfigError(
+                    f"model.sa_groups: layer {layer} in group {index} is out of range for n_layers="
+                    f"{n_layers} (valid: 0..{n_layers - 1})."
+                )
+            if layer != expected:
+                problem = (
+                    "overlaps an earlier group or repeats" if layer < expected else f"skips layer {expected}"
+                )
+                raise ConfigError(
+                    f"model.sa_groups: group {index} {group} {problem}; groups must list consecutive layers "
+                    f"0..{n_layers - 1} in order, each exactly once."
+                )
+            expected += 1
+    if expected != n_layers:
+        raise ConfigError(
+            f"model.sa_groups: the groups cover layers 0..{expected - 1} but n_layers={n_layers}; "
+            f"add groups for layers {expected}..{n_layers - 1}. {SHORTHAND_HELP}"
+        )
+
+
+@dataclass
+class SAConfig:
+    """Architecture of a Shared-Attention decoder (Llama-style: RMSNorm, RoPE, SwiGLU, GQA).
+
+    Args:
+        vocab_size: Rows of the embedding and of the output head.
+        d_model: Width of the residual stream.
+        n_layers: Number of decoder layers.
+        n_heads: Query heads; must divide d_model.
+        n_kv_heads: Key/value heads for grouped-query attention; must divide n_heads. None = n_heads.
+        ffn_hidden: Hidden width of the SwiGLU MLP. None = 8/3·d_model rounded up to a multiple of 64.
+        max_seq_len: Longest sequence the RoPE tables cover.
+        rope_theta: RoPE base frequency.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: Share the input embedding with the output head.
+        init_std: Standard deviation of the normal init; residual output projections use
+            init_std / sqrt(2·n_layers) so the residual stream's variance does not grow with depth.
+        sa_groups: Shared-attention groups: 'dense', 'every:G', 'dense:D,every:G' or an explicit list
+            of groups of consecutive layer indices. Normalised to the explicit list.
+        attention_backend: 'auto' (Triton kernels on CUDA, the fastest exact PyTorch path elsewhere),
+            'torch', 'triton' or 'reference' (materialised softmax, the definition; slow).
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    sa_groups: GroupSpec = "dense"
+    attention_backend: AttentionBackendName = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; pick n_heads "
+                f"among the divisors of d_model (e.g. {_divisors_near(self.d_model, self.n_heads)})."
+            )
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}; use a "
+                f"divisor of n_heads (e.g. {_divisors_near(self.n_heads, self.n_kv_heads)})."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model.d_model / model.n_heads = {self.head_dim} is odd; RoPE needs an even head size."
+            )
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * -(-8 * self.d_model // (3 * 64))
+        if self.attention_backend not in ("auto", "torch", "triton", "reference"):
+            raise ConfigError(
+                f"model.attention_backend={self.attention_backend!r} is unknown; use auto, torch, triton "
+                "or reference."
+            )
+        self.sa_groups = parse_groups(self.sa_groups, self.n_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The canonical groups (``sa_groups`` after normalisation)."""
+        assert isinstance(self.sa_groups, list)
+        return self.sa_groups
+
+    @property
+    def anchors(self) -> list[int]:
+        """Layers that compute their own attention weights (the first of each group)."""
+        return [group[0] for group in self.groups]
+
+    @property
+    def is_dense(self) -> bool:
+        return all(len(group) == 1 for group in self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, the canonical groups included; `SAConfig(**d)` rebuilds the same config."""
+        return asdict(self)
+
+
+def _divisors_near(n: int, target: int) -> str:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    closest = sorted(divisors, key=lambda d: abs(d - target))[:3]
+    return ", ".join(str(d) for d in sorted(closest))

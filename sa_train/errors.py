@@ -1,0 +1,13 @@
+"""User-facing errors: raised for bad input, printed by the CLI as one paragraph without a traceback."""
+
+
+class SATrainError(Exception):
+    """An error the user can fix; the message names the offending field and the fix."""
+
+
+class ConfigError(SATrainError, ValueError):
+    """A configuration value is invalid."""
+
+
+class DataError(SATrainError):
+    """Input data is missing, empty, corrupt or inconsistent with the model."""

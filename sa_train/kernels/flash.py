@@ -1,0 +1,581 @@
+"""Causal flash-attention kernels for a Shared-Attention group, and the launchers that size their grids.
+
+The anchor kernel computes P online and returns its log-sum-exp; the shared kernel rebuilds the same P
+directly as exp(s − lse), so it needs neither a running max nor a final rescale. Both layers share one
+backward: lse is treated as a function of q and k, i.e. dS = P∘(dP − rowsum(dO∘O)).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, empty, float32
+
+from .tiles import dkdv_tiles, dq_tiles, forward_tiles
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _forward_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    lse2,
+    qk_scale2,
+    T,
+    start_n,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    SHARED: tl.constexpr,
+):
+    """Fold one key tile into the accumulator; scores are in log2 units so exp2 can be used."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_seq = offs_n[:, None] < T
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale2
+    if MASK:
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    if SHARED:
+        p = tl.math.exp2(s - lse2[:, None])
+        acc += tl.dot(p.to(v.dtype), v)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _forward_kernel(
+    Q,
+    K,
+    V,
+    LSE,
+    OUT,
+    qk_scale2,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    T,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHARED: tl.constexpr,
+):
+    """One query tile of one (batch, head). SHARED reads lse; otherwise it writes it."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + kv * stride_kh
+    v_base = V + b * stride_vb + kv * stride_vh
+    lse_ptrs = LSE + bh * T + offs_m
+    if SHARED:
+        lse2 = tl.load(lse_ptrs, mask=row_ok, other=0.0) * LOG2E
+    else:
+        lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, start_m, BLOCK_N):
+        acc, m_i, l_i = _forward_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            lse2,
+            qk_scale2,
+            T,
+            start_n,
+            BLOCK_N,
+            False,
+            SHARED,
+        )
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        acc, m_i, l_i = _forward_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            lse2,
+            qk_scale2,
+            T,
+            start_n,
+            BLOCK_N,
+            True,
+            SHARED,
+        )
+    if not SHARED:
+        acc = acc / l_i[:, None]
+        tl.store(lse_ptrs, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _delta_kernel(
+    OUT,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_db,
+    stride_dh,
+    stride_dt,
+    H,
+    T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO∘O): the softmax-normalisation term of the backward."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(
+        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_dt,
+    offs_n,
+    offs_d,
+    qk_scale2,
+    T,
+    start_m,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """Add one query tile's contribution to dk and dv, working in the transposed (key-major) frame."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale2 - lse2[None, :])
+    if MASK:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    qk_scale2,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_db,
+    stride_dh,
+    stride_dt,
+    H,
+    HKV,
+    T,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key tile of one kv head; loops over that kv head's query heads so GQA needs no atomics."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kv = bkv % HKV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n[:, None] < T
+    k_ptrs = K + b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=col_ok, other=0.0)
+    v = tl.load(v_ptrs, mask=col_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = kv * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        lse_base = LSE + (b * H + h) * T
+        delta_base = DELTA + (b * H + h) * T
+        for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                stride_qt,
+                stride_dt,
+                offs_n,
+                offs_d,
+                qk_scale2,
+                T,
+                start_m,
+                BLOCK_M,
+                True,
+            )
+        for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                stride_qt,
+                stride_dt,
+                offs_n,
+                offs_d,
+                qk_scale2,
+                T,
+                start_m,
+                BLOCK_M,
+                False,
+            )
+    tl.store(
+        DK + bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=col_ok,
+    )
+    tl.store(
+        DV + bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok,
+    )
+
+
+@triton.jit
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    qk_scale2,
+    T,
+    start_n,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """Add one key tile's contribution to dq."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_seq = offs_n[:, None] < T
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale2 - lse2[:, None])
+    if MASK:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    qk_scale2,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_db,
+    stride_dh,
+    stride_dt,
+    H,
+    T,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One query tile of one (batch, head) streaming over the keys it can see."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kv * stride_kh
+    v_base = V + b * stride_vb + kv * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, start_m, BLOCK_N):
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            qk_scale2,
+            T,
+            start_n,
+            BLOCK_N,
+            False,
+        )
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            qk_scale2,
+            T,
+            start_n,
+            BLOCK_N,
+            True,
+        )
+    tl.store(
+        DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def check_runnable(device: torch.device) -> None:
+    """Compiled kernels need CUDA; the interpreter (chosen when this module was imported) runs anywhere."""
+    if device.type != "cuda" and isinstance(_forward_kernel, triton.runtime.JITFunction):
+        raise RuntimeError(
+            f"Triton kernels got {device.type} tensors; use CUDA tensors, or set TRITON_INTERPRET=1 "
+            "before sa_train.kernels is imported to run them in the Triton interpreter"
+        )
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, lse: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Run the anchor kernel (lse is None: computed and returned) or the shared kernel (lse given).
+
+    Inputs must have a unit stride on the head dimension; returns (out, lse).
+    """
+    b, h, t, d = q.shape
+    shared = lse is not None
+    lse_buf = lse if shared else empty((b, h, t), device=q.device, dtype=float32)
+    out = empty((b, h, t, d), device=q.device, dtype=q.dtype)
+    tiles = forward_tiles(q.device, d)
+    grid = (triton.cdiv(t, tiles.block_m), b * h)
+    _forward_kernel[grid](
+        q,
+        k,
+        v,
+        lse_buf,
+        out,
+        scale * LOG2E.value,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        h,
+        t,
+        h // k.shape[1],
+        HEAD_DIM=d,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        SHARED=shared,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out, lse_buf
+
+
+def attention_backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for O = softmax(qk^T·scale)·v, with lse standing for the normaliser of q and k."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    delta = empty((b, h, t), device=q.device, dtype=float32)
+    fwd = forward_tiles(q.device, d)
+    _delta_kernel[(triton.cdiv(t, fwd.block_m), b * h)](
+        out,
+        dout,
+        delta,
+        *_strides(out),
+        *_strides(dout),
+        h,
+        t,
+        HEAD_DIM=d,
+        BLOCK_M=fwd.block_m,
+    )
+    dq = empty((b, h, t, d), device=q.device, dtype=q.dtype)
+    dk = empty((b, hkv, t, d), device=q.device, dtype=k.dtype)
+    dv = empty((b, hkv, t, d), device=q.device, dtype=v.dtype)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    kv_tiles = dkdv_tiles(q.device, d)
+    _dkdv_kernel[(triton.cdiv(t, kv_tiles.block_n), b * hkv)](
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        scale * LOG2E.value,
+        scale,
+        *common,
+        h,
+        hkv,
+        t,
+        h // hkv,
+        HEAD_DIM=d,
+        BLOCK_M=kv_tiles.block_m,
+        BLOCK_N=kv_tiles.block_n,
+        num_warps=kv_tiles.num_warps,
+        num_stages=kv_tiles.num_stages,
+    )
+    q_tiles = dq_tiles(q.device, d)
+    _dq_kernel[(triton.cdiv(t, q_tiles.block_m), b * h)](
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        scale * LOG2E.value,
+        scale,
+        *common,
+        h,
+        t,
+        h // hkv,
+        HEAD_DIM=d,
+        BLOCK_M=q_tiles.block_m,
+        BLOCK_N=q_tiles.block_n,
+        num_warps=q_tiles.num_warps,
+        num_stages=q_tiles.num_stages,
+    )
+    return dq, dk, dv
