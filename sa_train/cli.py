@@ -1,0 +1,105 @@
+"""Command line: ``python -m sa_train <command> --config FILE``.
+
+Trainer commands (fit, validate, test) go through LightningCLI, so a YAML file and ``--section.key``
+flags configure the model, the data and the Trainer alike, and the resolved config is saved into the
+run folder. Tool commands (prepare, and later generate, export, ...) reuse the same parser where they
+read a training config. User errors print as one paragraph and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from sa_train.checkpoint import AtomicCheckpointIO
+from sa_train.data import TokenDataModule
+from sa_train.errors import SATrainError
+from sa_train.training import CausalLM
+
+TRAINER_COMMANDS = {
+    "fit": "train a model (resume with --ckpt_path)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test loop",
+}
+
+
+class SACLI(LightningCLI):
+    """LightningCLI wired to sa_train's module and data, with atomic checkpoint writes."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            CausalLM,
+            TokenDataModule,
+            seed_everything_default=1234,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "python -m sa_train"},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        plugins = kwargs.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+
+class _DataOnlyCLI(SACLI):
+    """Parses a full training config but builds only its data module: preparing needs no model."""
+
+    def instantiate_classes(self) -> None:
+        self.datamodule = TokenDataModule(**self.config["data"].as_dict())
+
+
+def prepare(argv: Sequence[str]) -> None:
+    """Tokenise the data of a training config into the shard cache ahead of ``fit``."""
+    _DataOnlyCLI(args=argv, run=False).datamodule.prepare_data()
+
+
+TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "prepare": (prepare, "tokenise a config's data into the shard cache once (fit does it on demand)"),
+}
+
+
+def usage() -> str:
+    rows = list(TRAINER_COMMANDS.items()) + [(name, text) for name, (_, text) in TOOL_COMMANDS.items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        "usage: python -m sa_train <command> --config FILE [--section.key VALUE ...]",
+        "",
+        "Train Shared-Attention-native language models.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in rows),
+        "",
+        "`python -m sa_train <command> --help` lists a command's options; `--print_config` shows the",
+        "resolved config of a trainer command.",
+    ]
+    return "\n".join(lines)
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run a command; ``args`` defaults to the process's own arguments. Returns the exit status."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in TRAINER_COMMANDS:
+            SACLI(args=args)  # None: LightningCLI reads sys.argv itself
+        elif command in TOOL_COMMANDS:
+            TOOL_COMMANDS[command][0](rest)
+        else:
+            print(f"error: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
+            return 2
+    except SATrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,5 @@
+"""Data pipeline: corpus loading, tokenizer, cached token shards, packed samples and resumable loaders."""
+
+from sa_train.data.datamodule import TokenDataModule, prepare
+
+__all__ = ["TokenDataModule", "prepare"]

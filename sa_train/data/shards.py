@@ -1,0 +1,236 @@
+"""Tokenise the corpus once into memory-mappable shard files, cached by a hash of everything that shapes them.
+
+A cache folder ``<cache_dir>/<key>/`` holds ``tokenizer.json``, ``train.bin``, ``val.bin`` (flat token ids,
+an EOS after every document) and ``manifest.json``. Every file is written under a temporary name and moved in
+place with :func:`os.replace`, and the manifest is written last, so a crash never leaves a folder that looks
+complete. A folder whose files disagree with its manifest is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from sa_train.data import sources
+from sa_train.data.tokenizer import check_tokenizer_path, eos_token_id, file_sha256, load_tokenizer, train_bpe
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+# Bump when the shard layout or tokenisation rules change, so old caches are not reused.
+FORMAT_VERSION = 1
+# Below this many documents per process, forking costs more than it saves (the Rust encoder is threaded).
+_DOCS_PER_PROCESS = 256
+
+
+@dataclass(frozen=True)
+class ShardCache:
+    """A complete, validated cache folder, as described by its manifest."""
+
+    folder: str
+    dtype: str
+    vocab_size: int
+    eos_token_id: int
+    tokenizer_sha256: str
+    train_tokens: int
+    val_tokens: int
+    train_docs: int
+    val_docs: int
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def tokenizer_path(self) -> str:
+        return os.path.join(self.folder, TOKENIZER_FILE)
+
+    def shard_path(self, split: str) -> str:
+        return os.path.join(self.folder, f"{split}.bin")
+
+    def num_tokens(self, split: str) -> int:
+        return self.train_tokens if split == "train" else self.val_tokens
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves disk and page-cache use whenever every id fits; larger vocabularies need uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Everything that shapes the shards; ``seq_len`` and ``batch_size`` deliberately do not."""
+
+    source: str | list[str]
+    text_field: str
+    tokenizer: str | None
+    vocab_size: int
+    val_fraction: float
+    seed: int
+    hub_split: str
+
+    def key(self) -> str:
+        """Hash naming the cache folder: file fingerprints (path, size, mtime) or hub name, and settings."""
+        parts = {
+            "format": FORMAT_VERSION,
+            "source": sources.source_fingerprint(self.source, self.hub_split),
+            "text_field": self.text_field,
+            "tokenizer": file_sha256(check_tokenizer_path(self.tokenizer)) if self.tokenizer else None,
+            "vocab_size": None if self.tokenizer else self.vocab_size,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def read_cache(folder: str) -> ShardCache | None:
+    """Return the cache in ``folder`` if it is complete and consistent, else ``None`` (warning if damaged)."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(manifest_path):
+        return None
+    try:
+        with open(manifest_path, encoding="utf-8") as fh:
+            cache = ShardCache(**{**json.load(fh), "folder": folder})
+    except (ValueError, TypeError) as exc:
+        return _damaged(folder, f"its manifest is unreadable ({exc})")
+    if cache.format_version != FORMAT_VERSION:
+        return _damaged(folder, f"it has format version {cache.format_version}, expected {FORMAT_VERSION}")
+    if (
+        not os.path.exists(cache.tokenizer_path)
+        or file_sha256(cache.tokenizer_path) != cache.tokenizer_sha256
+    ):
+        return _damaged(folder, "its tokenizer.json is missing or was modified")
+    itemsize = np.dtype(cache.dtype).itemsize
+    for split in SPLITS:
+        path = cache.shard_path(split)
+        expected = cache.num_tokens(split) * itemsize
+        actual = os.path.getsize(path) if os.path.exists(path) else None
+        if actual != expected:
+            return _damaged(folder, f"{split}.bin has {actual} bytes where the manifest says {expected}")
+    return cache
+
+
+def _damaged(folder: str, why: str) -> None:
+    warnings.warn(
+        f"The token cache {folder} is damaged: {why}. Rebuilding it automatically.",
+        stacklevel=3,
+    )
+    return None
+
+
+_ENCODERS: dict[str, Tokenizer] = {}
+
+
+def _encode(batch: dict[str, list[str]], tokenizer_json: str, eos_id: int) -> dict[str, list[Any]]:
+    """``datasets.map`` worker: token ids of each document with EOS appended, plus their count."""
+    if tokenizer_json not in _ENCODERS:  # parse once per process, not once per batch
+        _ENCODERS[tokenizer_json] = Tokenizer.from_str(tokenizer_json)
+    tokenizer = _ENCODERS[tokenizer_json]
+    encodings = tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
+    ids = [[*enc.ids, eos_id] for enc in encodings]
+    return {"ids": ids, "length": [len(x) for x in ids]}
+
+
+def _write_shard(path: str, ids: pa.ChunkedArray, total: int, dtype: np.dtype, split: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(total,))
+    pos = 0
+    for chunk in tqdm(ids.chunks, desc=f"Writing {split}.bin", unit="chunk"):
+        flat = chunk.flatten().to_numpy(zero_copy_only=False)
+        out[pos : pos + len(flat)] = flat
+        pos += len(flat)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+
+
+def _processes(num_proc: int | None, num_docs: int) -> int:
+    if num_proc is None:
+        wanted = min(os.cpu_count() or 1, 8)
+        return max(1, min(wanted, num_docs // _DOCS_PER_PROCESS))
+    return max(1, min(num_proc, num_docs))
+
+
+def _tokenise_split(
+    docs: datasets.Dataset, split: str, tokenizer: Tokenizer, eos_id: int, num_proc: int | None
+) -> datasets.Dataset:
+    procs = _processes(num_proc, len(docs))
+    if procs > 1:
+        # The forked workers each encode serially; saying so up front silences the tokenizers fork warning.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return docs.map(
+        _encode,
+        batched=True,
+        batch_size=64,
+        num_proc=procs if procs > 1 else None,
+        fn_kwargs={"tokenizer_json": tokenizer.to_str(), "eos_id": eos_id},
+        remove_columns=docs.column_names,
+        desc=f"Tokenising {split}",
+    )
+
+
+def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCache:
+    """Load, split, obtain the tokenizer, tokenise and write the shards and manifest into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    manifest_path = os.path.join(folder, MANIFEST)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+    docs = sources.load_documents(spec.source, spec.text_field, spec.hub_split, os.path.join(folder, "hf"))
+    train_docs, val_docs = sources.split_documents(docs, spec.val_fraction, spec.seed)
+    if spec.tokenizer:
+        user_path = check_tokenizer_path(spec.tokenizer)
+        tok = load_tokenizer(user_path)
+        eos_id = eos_token_id(tok, user_path)
+    else:
+        tok = train_bpe(train_docs, spec.vocab_size)
+        eos_id = eos_token_id(tok, "the trained tokenizer")
+    tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
+    _atomic_write_text(tokenizer_path, tok.to_str())
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab)
+    counts = {}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        encoded = _tokenise_split(split_docs, split, tok, eos_id, num_proc)
+        counts[split] = int(np.sum(encoded["length"]))
+        _write_shard(
+            os.path.join(folder, f"{split}.bin"), encoded.data.column("ids"), counts[split], dtype, split
+        )
+    cache = ShardCache(
+        folder=folder,
+        dtype=dtype.name,
+        vocab_size=vocab,
+        eos_token_id=eos_id,
+        tokenizer_sha256=file_sha256(tokenizer_path),
+        train_tokens=counts["train"],
+        val_tokens=counts["val"],
+        train_docs=len(train_docs),
+        val_docs=len(val_docs),
+    )
+    shutil.rmtree(os.path.join(folder, "hf"), ignore_errors=True)
+    manifest = {k: v for k, v in asdict(cache).items() if k != "folder"}
+    _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return cache
+
+
+def ensure_cache(spec: CorpusSpec, cache_dir: str, num_proc: int | None) -> tuple[ShardCache, bool]:
+    """Return the valid cache for ``spec``, building it first if needed; the flag says if it was built."""
+    folder = os.path.join(os.path.abspath(cache_dir), spec.key())
+    cache = read_cache(folder)
+    if cache is not None:
+        return cache, False
+    return build_cache(folder, spec, num_proc), True

@@ -1,0 +1,101 @@
+"""CPU training speed of SA against its dense twin, beside the FLOP ratio that predicts it.
+
+Times full training steps (forward, backward, the training's fused AdamW) of the models in two configs, interleaved round
+by round so machine noise hits both alike, and reports median step times, their ratio and the ratio
+of training FLOPs per token (``sa_train.cost``). It also times the alternative exact SA path, SDPA in
+every layer with the anchor's q and k, which is how ``attention.TorchBackend``'s choice of
+materialising P once per group was made.
+
+    python scripts/bench_cpu_training.py --sa configs/sa-tiny.yaml --dense configs/dense-tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+import sa_train.model as model_module
+from sa_train import SAConfig, SAModel
+from sa_train.attention import AttentionBackend, GroupWeights, TorchBackend
+from sa_train.cost import training_flops_per_token
+from sa_train.training import build_optimizer
+
+
+class RecomputeWithSDPA(TorchBackend):
+    """Exact too: every shared layer reruns fused SDPA with its anchor's q and k (no P kept)."""
+
+    name = "sdpa-recompute"
+
+    def anchor(self, q, k, v, share):  # type: ignore[no-untyped-def]
+        out, _ = super().anchor(q, k, v, share=False)
+        return out, GroupWeights(q=q, k=k) if share else None
+
+    def shared(self, weights: GroupWeights, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(weights.q, weights.k, v, is_causal=True, enable_gqa=True)
+
+
+def model_config(path: str) -> SAConfig:
+    with open(path) as f:
+        return SAConfig(**yaml.safe_load(f)["model"]["config"])
+
+
+def step_timer(config: SAConfig, batch: int, seq_len: int, backend: AttentionBackend) -> Callable[[], float]:
+    torch.manual_seed(0)
+    model = SAModel(config)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
+
+    def step() -> float:
+        with mock.patch.object(model_module, "get_backend", lambda name, device: backend):
+            start = time.perf_counter()
+            logits = model(ids[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+
+    step()  # warm-up: allocator, thread pools
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sa", default="configs/sa-tiny.yaml", help="config of the SA model")
+    parser.add_argument("--dense", default="configs/dense-tiny.yaml", help="config of its dense twin")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    sa, dense = model_config(args.sa), model_config(args.dense)
+    variants = {
+        "dense (SDPA)": step_timer(dense, args.batch, args.seq_len, TorchBackend()),
+        "SA, P once per group (torch backend)": step_timer(sa, args.batch, args.seq_len, TorchBackend()),
+        "SA, SDPA recomputed per layer": step_timer(sa, args.batch, args.seq_len, RecomputeWithSDPA()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, step in variants.items():
+            times[name].append(step())
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    dense_time = medians["dense (SDPA)"]
+    flop_ratio = training_flops_per_token(dense, args.seq_len) / training_flops_per_token(sa, args.seq_len)
+    print(f"batch {args.batch} x seq {args.seq_len}, {args.threads} threads, {args.rounds} interleaved rounds")
+    print(f"{'variant':40s} {'median step':>12s} {'speed-up vs dense':>18s}")
+    for name, median in medians.items():
+        print(f"{name:40s} {median * 1e3:10.1f}ms {dense_time / median:17.3f}x")
+    print(f"{'FLOP ratio dense/SA (predicted speed-up)':40s} {'':>12s} {flop_ratio:17.3f}x")
+
+
+if __name__ == "__main__":
+    main()

