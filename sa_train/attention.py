@@ -142,11 +142,11 @@ def get_backend(name: str, device_type: str) -> AttentionBackend:
         name = "triton" if device_type == "cuda" and _triton_ready() else "torch"
     if name not in BACKENDS:
         raise ConfigError(
-            f"model.attention_backend={name!r} is unknown; use one of auto, {', '.join(BACKENDS)}."
+            f"model.config.attention_backend={name!r} is unknown; use one of auto, {', '.join(BACKENDS)}."
         )
     if name == "triton" and not _triton_ready():
         raise ConfigError(
-            "model.attention_backend='triton' needs the triton package and a CUDA device (or "
+            "model.config.attention_backend='triton' needs the triton package and a CUDA device (or "
             "TRITON_INTERPRET=1 for tests); use attention_backend: auto or torch on this machine."
         )
     log.info("shared attention on %s uses the %s backend", device_type, name)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from sa_train.checkpoint import AtomicCheckpointIO
@@ -28,6 +28,18 @@ TRAINER_COMMANDS = {
 }
 
 
+class SAArgumentParser(LightningArgumentParser):
+    """Parse errors as one paragraph: what is wrong and where the options are, no usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\nRun `{prog} --help` for the accepted options.\n")
+        self.exit(2)
+
+
 class SACLI(LightningCLI):
     """LightningCLI wired to sa_train's module and data, with atomic checkpoint writes."""
 
@@ -38,6 +50,7 @@ class SACLI(LightningCLI):
             seed_everything_default=1234,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "python -m sa_train"},
+            parser_class=SAArgumentParser,
             args=list(args) if args is not None else None,
             run=run,
         )

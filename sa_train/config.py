@@ -40,17 +40,19 @@ def _expand_shorthand(spec: str, n_layers: int) -> list[list[int]]:
             key, _, value = part.strip().partition(":")
             if key not in ("dense", "every") or not value.strip().isdigit():
                 raise ConfigError(
-                    f"model.sa_groups: cannot read {spec!r} (at {part.strip()!r}). {SHORTHAND_HELP}"
+                    f"model.config.sa_groups: cannot read {spec!r} (at {part.strip()!r}). {SHORTHAND_HELP}"
                 )
             if key == "dense":
                 dense = int(value)
             else:
                 every = int(value)
         if every < 1:
-            raise ConfigError(f"model.sa_groups: group size in {spec!r} must be at least 1. {SHORTHAND_HELP}")
+            raise ConfigError(
+                f"model.config.sa_groups: group size in {spec!r} must be at least 1. {SHORTHAND_HELP}"
+            )
         if dense > n_layers:
             raise ConfigError(
-                f"model.sa_groups: {spec!r} asks for {dense} dense layers but the model has n_layers="
+                f"model.config.sa_groups: {spec!r} asks for {dense} dense layers but the model has n_layers="
                 f"{n_layers}; lower the dense count."
             )
     groups = [[layer] for layer in range(dense)]
@@ -63,16 +65,16 @@ def _validate_groups(groups: list[list[int]], n_layers: int) -> None:
     for index, group in enumerate(groups):
         if not group:
             raise ConfigError(
-                f"model.sa_groups: group {index} is empty; every group needs at least one layer."
+                f"model.config.sa_groups: group {index} is empty; every group needs at least one layer."
             )
         for layer in group:
             if not isinstance(layer, int) or isinstance(layer, bool):
                 raise ConfigError(
-                    f"model.sa_groups: group {index} holds {layer!r}; layer indices are integers."
+                    f"model.config.sa_groups: group {index} holds {layer!r}; layer indices are integers."
                 )
             if not 0 <= layer < n_layers:
                 raise ConfigError(
-                    f"model.sa_groups: layer {layer} in group {index} is out of range for n_layers="
+                    f"model.config.sa_groups: layer {layer} in group {index} is out of range for n_layers="
                     f"{n_layers} (valid: 0..{n_layers - 1})."
                 )
             if layer != expected:
@@ -80,13 +82,13 @@ def _validate_groups(groups: list[list[int]], n_layers: int) -> None:
                     "overlaps an earlier group or repeats" if layer < expected else f"skips layer {expected}"
                 )
                 raise ConfigError(
-                    f"model.sa_groups: group {index} {group} {problem}; groups must list consecutive layers "
-                    f"0..{n_layers - 1} in order, each exactly once."
+                    f"model.config.sa_groups: group {index} {group} {problem}; groups must list consecutive "
+                    f"layers 0..{n_layers - 1} in order, each exactly once."
                 )
             expected += 1
     if expected != n_layers:
         raise ConfigError(
-            f"model.sa_groups: the groups cover layers 0..{expected - 1} but n_layers={n_layers}; "
+            f"model.config.sa_groups: the groups cover layers 0..{expected - 1} but n_layers={n_layers}; "
             f"add groups for layers {expected}..{n_layers - 1}. {SHORTHAND_HELP}"
         )
 
@@ -131,29 +133,32 @@ class SAConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}.")
+                raise ConfigError(
+                    f"model.config.{name} must be a positive integer, got {getattr(self, name)}."
+                )
         if self.d_model % self.n_heads:
             raise ConfigError(
-                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; pick n_heads "
-                f"among the divisors of d_model (e.g. {_divisors_near(self.d_model, self.n_heads)})."
+                f"model.config.n_heads={self.n_heads} does not divide model.config.d_model={self.d_model}; "
+                f"pick n_heads among its divisors (e.g. {_divisors_near(self.d_model, self.n_heads)})."
             )
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ConfigError(
-                f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}; use a "
-                f"divisor of n_heads (e.g. {_divisors_near(self.n_heads, self.n_kv_heads)})."
+                f"model.config.n_kv_heads={self.n_kv_heads} does not divide model.config.n_heads="
+                f"{self.n_heads}; use a divisor of it (e.g. {_divisors_near(self.n_heads, self.n_kv_heads)})."
             )
         if self.head_dim % 2:
             raise ConfigError(
-                f"model.d_model / model.n_heads = {self.head_dim} is odd; RoPE needs an even head size."
+                f"model.config.d_model / model.config.n_heads = {self.head_dim} is odd; RoPE needs an even "
+                "head size."
             )
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * -(-8 * self.d_model // (3 * 64))
         if self.attention_backend not in ("auto", "torch", "triton", "reference"):
             raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r} is unknown; use auto, torch, triton "
-                "or reference."
+                f"model.config.attention_backend={self.attention_backend!r} is unknown; use auto, torch, "
+                "triton or reference."
             )
         self.sa_groups = parse_groups(self.sa_groups, self.n_layers)
 

@@ -1,10 +1,10 @@
 """CPU training speed of SA against its dense twin, beside the FLOP ratio that predicts it.
 
-Times full training steps (forward, backward, the training's fused AdamW) of the models in two configs, interleaved round
-by round so machine noise hits both alike, and reports median step times, their ratio and the ratio
-of training FLOPs per token (``sa_train.cost``). It also times the alternative exact SA path, SDPA in
-every layer with the anchor's q and k, which is how ``attention.TorchBackend``'s choice of
-materialising P once per group was made.
+Times full training steps (forward, backward, the training's fused AdamW) of the models of two
+configs, interleaved round by round so machine noise hits all alike, and reports median step times,
+the speed-up over dense and the ratio of training FLOPs per token (``sa_train.cost``). It also times
+the other exact SA path, SDPA in every layer with the anchor's q and k: the measurement behind
+``attention.TorchBackend``'s choice.
 
     python scripts/bench_cpu_training.py --sa configs/sa-tiny.yaml --dense configs/dense-tiny.yaml
 """
@@ -90,7 +90,9 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     dense_time = medians["dense (SDPA)"]
     flop_ratio = training_flops_per_token(dense, args.seq_len) / training_flops_per_token(sa, args.seq_len)
-    print(f"batch {args.batch} x seq {args.seq_len}, {args.threads} threads, {args.rounds} interleaved rounds")
+    print(
+        f"batch {args.batch} x seq {args.seq_len}, {args.threads} threads, {args.rounds} interleaved rounds"
+    )
     print(f"{'variant':40s} {'median step':>12s} {'speed-up vs dense':>18s}")
     for name, median in medians.items():
         print(f"{name:40s} {median * 1e3:10.1f}ms {dense_time / median:17.3f}x")

@@ -59,17 +59,17 @@ def test_derived_defaults():
 def test_malformed_groups_name_the_field(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
         SAConfig(n_layers=4, sa_groups=spec)
-    assert "model.sa_groups" in str(info.value)
+    assert "model.config.sa_groups" in str(info.value)
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(d_model=100, n_heads=8), "model.n_heads=8 does not divide model.d_model=100"),
-        (dict(n_heads=8, n_kv_heads=3), "model.n_kv_heads=3 does not divide model.n_heads=8"),
+        (dict(d_model=100, n_heads=8), "model.config.n_heads=8 does not divide model.config.d_model=100"),
+        (dict(n_heads=8, n_kv_heads=3), "model.config.n_kv_heads=3 does not divide model.config.n_heads=8"),
         (dict(d_model=24, n_heads=8), "odd"),
-        (dict(vocab_size=0), "model.vocab_size"),
-        (dict(attention_backend="cuda-magic"), "model.attention_backend"),
+        (dict(vocab_size=0), "model.config.vocab_size"),
+        (dict(attention_backend="cuda-magic"), "model.config.attention_backend"),
     ],
 )
 def test_bad_shapes_name_the_field(kwargs, field):

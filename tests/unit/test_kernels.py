@@ -1,11 +1,7 @@
 """Triton SA kernels vs the materialised-P references, run in the Triton interpreter on CPU.
 
-Triton fixes interpreter-vs-compiler per @triton.jit function when it is decorated, and triton.language
-decorates its own helpers (tl.zeros, ...) on import, so TRITON_INTERPRET=1 must be set before triton is
-first imported in the process, and must stay set: triton imports more of itself lazily and asserts the
-flag again. So this module sets it before importing triton and leaves it set for the rest of the session.
-If triton was already imported without it, e.g. by a test module collected earlier, the in-process tests
-are skipped and one test re-runs this file in a fresh Python process.
+Triton fixes interpreter-vs-compiler when it is first imported, so ``tests/conftest.py`` sets
+TRITON_INTERPRET=1 before anything imports it; without the flag these CPU-tensor tests are skipped.
 """
 
 import os
@@ -17,47 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 
-
-def _interpret_flag() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "on", "yes"}
-
-
-_TRITON_COMPILED_ALREADY = "triton" in sys.modules and not _interpret_flag()
-if not _TRITON_COMPILED_ALREADY:
-    os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in {"1", "true", "on", "yes"}:
+    pytest.skip(
+        "the kernel tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True
+    )
 pytest.importorskip("triton")
 
-import sa_train.kernels as sk  # noqa: E402
+import sa_train.kernels as sk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _interpreted_kernels(request: pytest.FixtureRequest) -> None:
-    """In-process tests need interpreted kernels; otherwise only the fresh-process re-run runs here."""
-    if _TRITON_COMPILED_ALREADY and request.function.__name__ != "test_in_fresh_process":
-        pytest.skip("triton was imported without TRITON_INTERPRET; test_in_fresh_process covers this")
-
-
 def _subprocess_env(**extra: str) -> dict[str, str]:
     """The child must import sa_train from this checkout whether or not it is installed."""
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
-
-
-if _TRITON_COMPILED_ALREADY:
-
-    def test_in_fresh_process() -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-            capture_output=True,
-            text=True,
-            env=_subprocess_env(TRITON_INTERPRET="1"),
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def _qkv(b: int, h: int, hkv: int, t: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

