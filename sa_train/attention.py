@@ -62,20 +62,30 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
 
 
 def causal_probs(q: Tensor, k: Tensor, dtype: torch.dtype) -> Tensor:
-    """P = softmax(QK^T / sqrt(d)) with the causal mask, softmax in fp32, returned in ``dtype``."""
+    """P = softmax(QK^T / sqrt(d)) with the causal mask, softmax in fp32, returned in ``dtype``.
+
+    The query heads that share a kv head are stacked along time, (B·Hkv, rep·Tq, D), so one batched
+    matmul serves them all without expanding k; the mask enters as an additive bias of the same
+    ``baddbmm``, whose backward is half the cost of a separate scale, mask and fill.
+    """
     batch, n_heads, q_len, head_dim = q.shape
-    n_kv = k.shape[1]
-    q = q.view(batch, n_kv, n_heads // n_kv, q_len, head_dim)
-    scores = (q @ k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
-    scores = scores.masked_fill(~causal_mask(q_len, k.shape[2], q.device), float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype).view(batch, n_heads, q_len, -1)
+    n_kv, k_len = k.shape[1], k.shape[2]
+    bias = torch.zeros(q_len, k_len, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill_(~causal_mask(q_len, k_len, q.device), float("-inf")).repeat(n_heads // n_kv, 1)
+    scores = torch.baddbmm(
+        bias,
+        q.reshape(batch * n_kv, -1, head_dim),
+        k.reshape(batch * n_kv, k_len, head_dim).transpose(1, 2),
+        alpha=1.0 / math.sqrt(head_dim),
+    )
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype).view(batch, n_heads, q_len, k_len)
 
 
 def apply_probs(probs: Tensor, v: Tensor) -> Tensor:
-    """P·V with GQA: the query heads of one kv group share that group's values (no copy of v)."""
+    """P·V with GQA: the query heads of one kv head are stacked along time, so v is never copied."""
     batch, n_heads, q_len, k_len = probs.shape
     n_kv = v.shape[1]
-    out = probs.view(batch, n_kv, n_heads // n_kv, q_len, k_len) @ v.unsqueeze(2)
+    out = probs.view(batch, n_kv, -1, k_len) @ v
     return out.view(batch, n_heads, q_len, v.shape[-1])
 
 

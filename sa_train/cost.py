@@ -2,8 +2,10 @@
 
 Conventions (PaLM appendix B): a matmul of an (m, k) by a (k, n) matrix costs 2mkn FLOPs; training
 costs three forward passes (forward, and backward for activations and for weights); attention scores
-are counted over the full context of ``seq_len`` keys. Element-wise work (norms, softmax, RoPE) is
-left out. Shared layers skip the Q/K projections and the QK^T scores, which is the whole saving.
+are counted over the full context of ``seq_len`` keys, or with ``causal=True`` over only those a causal
+mask keeps (a mean context of (seq_len + 1) / 2, what flash kernels compute). Element-wise work
+(norms, softmax, RoPE) is left out. Shared layers skip the Q/K projections and the QK^T scores:
+that is the whole saving.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ def matmul_params(config: SAConfig) -> int:
     return config.n_layers * per_layer + len(config.groups) * query_key + d * config.vocab_size
 
 
-def forward_flops_per_token(config: SAConfig, seq_len: int) -> int:
+def forward_flops_per_token(config: SAConfig, seq_len: int, causal: bool = False) -> float:
     """Forward FLOPs for one token at context ``seq_len``: projections, QK^T (anchors), P·V (all)."""
-    scores = 2 * seq_len * config.d_model
-    return 2 * matmul_params(config) + len(config.groups) * scores + config.n_layers * scores
+    context = (seq_len + 1) / 2 if causal else seq_len
+    scores = 2 * context * config.d_model
+    return 2 * matmul_params(config) + (len(config.groups) + config.n_layers) * scores
 
 
-def training_flops_per_token(config: SAConfig, seq_len: int) -> int:
-    return 3 * forward_flops_per_token(config, seq_len)
+def training_flops_per_token(config: SAConfig, seq_len: int, causal: bool = False) -> float:
+    return 3 * forward_flops_per_token(config, seq_len, causal)
 
 
 def kv_cache_vectors_per_token(config: SAConfig) -> int:

@@ -46,9 +46,13 @@ def model_config(path: str) -> SAConfig:
         return SAConfig(**yaml.safe_load(f)["model"]["config"])
 
 
-def step_timer(config: SAConfig, batch: int, seq_len: int, backend: AttentionBackend) -> Callable[[], float]:
+def step_timer(
+    config: SAConfig, batch: int, seq_len: int, backend: AttentionBackend, compile: bool
+) -> Callable[[], float]:
     torch.manual_seed(0)
     model = SAModel(config)
+    if compile:
+        model.compile()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
 
@@ -61,7 +65,8 @@ def step_timer(config: SAConfig, batch: int, seq_len: int, backend: AttentionBac
             optimizer.zero_grad(set_to_none=True)
             return time.perf_counter() - start
 
-    step()  # warm-up: allocator, thread pools
+    step()  # warm-up: allocator, thread pools, compilation
+    step()
     return step
 
 
@@ -73,14 +78,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (slow start)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     sa, dense = model_config(args.sa), model_config(args.dense)
     variants = {
-        "dense (SDPA)": step_timer(dense, args.batch, args.seq_len, TorchBackend()),
-        "SA, P once per group (torch backend)": step_timer(sa, args.batch, args.seq_len, TorchBackend()),
-        "SA, SDPA recomputed per layer": step_timer(sa, args.batch, args.seq_len, RecomputeWithSDPA()),
+        "dense (SDPA)": step_timer(dense, args.batch, args.seq_len, TorchBackend(), args.compile),
+        "SA, P once per group (torch backend)": step_timer(
+            sa, args.batch, args.seq_len, TorchBackend(), args.compile
+        ),
+        "SA, SDPA recomputed per layer": step_timer(
+            sa, args.batch, args.seq_len, RecomputeWithSDPA(), args.compile
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -89,14 +99,17 @@ def main() -> None:
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     dense_time = medians["dense (SDPA)"]
-    flop_ratio = training_flops_per_token(dense, args.seq_len) / training_flops_per_token(sa, args.seq_len)
-    print(
-        f"batch {args.batch} x seq {args.seq_len}, {args.threads} threads, {args.rounds} interleaved rounds"
-    )
-    print(f"{'variant':40s} {'median step':>12s} {'speed-up vs dense':>18s}")
+    mode = "compiled" if args.compile else "eager"
+    print(f"batch {args.batch} x seq {args.seq_len}, {args.threads} threads, {mode}, {args.rounds} rounds")
+    print(f"{'variant':44s} {'median step':>12s} {'speed-up vs dense':>18s}")
     for name, median in medians.items():
-        print(f"{name:40s} {median * 1e3:10.1f}ms {dense_time / median:17.3f}x")
-    print(f"{'FLOP ratio dense/SA (predicted speed-up)':40s} {'':>12s} {flop_ratio:17.3f}x")
+        print(f"{name:44s} {median * 1e3:10.1f}ms {dense_time / median:17.3f}x")
+    for causal in (False, True):
+        ratio = training_flops_per_token(dense, args.seq_len, causal) / training_flops_per_token(
+            sa, args.seq_len, causal
+        )
+        label = "FLOP ratio dense/SA, " + ("causal scores" if causal else "full T x T scores")
+        print(f"{label:44s} {'':>12s} {ratio:17.3f}x")
 
 
 if __name__ == "__main__":

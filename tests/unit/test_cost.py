@@ -36,3 +36,9 @@ def test_sa_saves_query_key_work_and_cache():
     assert kv_cache_vectors_per_token(sa) == 8 + 2
     assert training_flops_per_token(sa, 256) < training_flops_per_token(dense, 256)
     assert training_flops_per_token(dense, 256) == 3 * forward_flops_per_token(dense, 256)
+
+
+def test_causal_count_keeps_the_mean_visible_context():
+    cfg = SAConfig(d_model=64, n_layers=4, n_heads=4, sa_groups="every:2")
+    full, causal = forward_flops_per_token(cfg, 16), forward_flops_per_token(cfg, 16, causal=True)
+    assert full - causal == (2 + 4) * 2 * (16 - 8.5) * 64
