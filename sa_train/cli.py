@@ -8,6 +8,7 @@ read a training config. User errors print as one paragraph and exit with status 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -97,8 +98,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _show_library_info() -> None:
+    """sa_train's own INFO lines (e.g. which attention backend runs) go to stderr beside Lightning's."""
+    logger = logging.getLogger("sa_train")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run a command; ``args`` defaults to the process's own arguments. Returns the exit status."""
+    _show_library_info()
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

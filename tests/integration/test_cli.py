@@ -194,3 +194,30 @@ def test_shipped_configs_parse_and_build(config_file, capsys, monkeypatch):
         assert not config.is_dense and len(config.anchors) < config.n_layers
     else:
         assert config.is_dense
+
+
+@pytest.mark.slow
+def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_run(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    ckpts = tmp_path / "ckpts"
+    every_4_steps = [
+        "--trainer.max_steps=8",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={ckpts}",
+        "--trainer.callbacks.every_n_train_steps=4",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+    ]
+    code, _, err = run_cli(["fit", "--config", str(config), *every_4_steps], capsys)
+    assert code == 0, err
+    uninterrupted = torch.load(ckpts / "step=8.ckpt", weights_only=True)
+    (ckpts / "step=8.ckpt").rename(tmp_path / "uninterrupted.ckpt")
+
+    code, _, err = run_cli(
+        ["fit", "--config", str(config), *every_4_steps, f"--ckpt_path={ckpts / 'step=4.ckpt'}"], capsys
+    )
+    assert code == 0, err
+    resumed = torch.load(ckpts / "step=8.ckpt", weights_only=True)
+    assert resumed["state_dict"].keys() == uninterrupted["state_dict"].keys()
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -182,3 +183,14 @@ def test_sequence_longer_than_max_seq_len_is_a_clear_error():
     model = SAModel(SAConfig(**TINY, n_heads=4))
     with pytest.raises(ConfigError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_backend_choice_is_logged_once(caplog):
+    from sa_train.attention import get_backend
+
+    get_backend.cache_clear()
+    model = SAModel(SAConfig(**TINY, n_heads=4, sa_groups="every:2"))
+    with caplog.at_level(logging.INFO, logger="sa_train"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+        model(torch.zeros(1, 8, dtype=torch.long))
+    assert [r.getMessage() for r in caplog.records] == ["shared attention on cpu uses the torch backend"]
