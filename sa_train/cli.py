@@ -11,16 +11,22 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from sa_train.callbacks import LastStepCheckpoint
 from sa_train.checkpoint import AtomicCheckpointIO
 from sa_train.data import TokenDataModule
-from sa_train.errors import SATrainError
+from sa_train.errors import ConfigError, SATrainError
 from sa_train.training import CausalLM
+
+# Values of ckpt_path that Lightning resolves itself rather than reading as a path.
+LIGHTNING_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
 
 TRAINER_COMMANDS = {
     "fit": "train a model (resume with --ckpt_path)",
@@ -56,7 +62,25 @@ class SACLI(LightningCLI):
             run=run,
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Fail before any work when --ckpt_path names a file that is not there."""
+        subcommand_config = self.config.get(self.subcommand) if self.subcommand else None
+        ckpt_path = subcommand_config.get("ckpt_path") if subcommand_config is not None else None
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).is_file():
+            raise ConfigError(
+                f"ckpt_path: no checkpoint file at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit, "
+                "e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
+            )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Adds atomic checkpoint IO, and a LastStepCheckpoint when the config names no checkpoint callback
+        (Lightning's default one saves only at epoch ends, which step-bounded LM runs may never reach)."""
+        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
+        callbacks = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_checkpointing") is not False and not any(
+            isinstance(callback, ModelCheckpoint) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, LastStepCheckpoint(save_last=True)]
         plugins = kwargs.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

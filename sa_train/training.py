@@ -74,6 +74,8 @@ class CausalLM(L.LightningModule):
         self.config = config
         self.model = SAModel(config)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # Lets Lightning's model summary show activation shapes and the forward FLOPs of one sequence.
+        self.example_input_array = torch.zeros(1, config.max_seq_len, dtype=torch.long)
 
     def setup(self, stage: str) -> None:
         self._check_data_fits_model()

@@ -152,6 +152,10 @@ class TokenDataModule(L.LightningDataModule):
         """All val samples in order (a ragged token tail shorter than one sample is dropped)."""
         return self._loader("val", shuffle=False)
 
+    def test_dataloader(self) -> ResumableLoader:
+        """The held-out documents again: the corpus is split in two, so ``test`` reports on the val split."""
+        return self._loader("val", shuffle=False)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches as they enter the training step; this is the position checkpoints store."""
         trainer = self.trainer

@@ -202,7 +202,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_run(tmp_pa
     ckpts = tmp_path / "ckpts"
     every_4_steps = [
         "--trainer.max_steps=8",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
         f"--trainer.callbacks.dirpath={ckpts}",
         "--trainer.callbacks.every_n_train_steps=4",
         "--trainer.callbacks.save_top_k=-1",
@@ -221,3 +221,29 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_run(tmp_pa
     assert resumed["state_dict"].keys() == uninterrupted["state_dict"].keys()
     for name, tensor in uninterrupted["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], tensor), name
+
+
+def test_validate_and_test_a_checkpoint(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(["fit", "--config", str(config), "--trainer.max_steps=2"], capsys)
+    assert code == 0, err
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    for command, metric in (("validate", "val/loss"), ("test", "test/loss")):
+        code, out, err = run_cli([command, "--config", str(config), f"--ckpt_path={ckpt}"], capsys)
+        assert code == 0, err
+        assert metric in out
+
+
+def test_last_checkpoint_holds_the_final_step_between_save_intervals(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    every_4_steps = [
+        "--trainer.max_steps=6",
+        "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=4",
+        "--trainer.callbacks.save_last=true",
+    ]
+    code, _, err = run_cli(["fit", "--config", str(config), *every_4_steps], capsys)
+    assert code == 0, err
+    checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert torch.load(checkpoints / "epoch=0-step=4.ckpt", weights_only=True)["global_step"] == 4

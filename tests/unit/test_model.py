@@ -194,3 +194,14 @@ def test_backend_choice_is_logged_once(caplog):
         model(torch.zeros(1, 8, dtype=torch.long))
         model(torch.zeros(1, 8, dtype=torch.long))
     assert [r.getMessage() for r in caplog.records] == ["shared attention on cpu uses the torch backend"]
+
+
+def test_model_core_imports_torch_alone():
+    """Export and evaluation code load SAModel without the training stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, sa_train; sa_train.SAModel(sa_train.SAConfig()); print(sorted(sys.modules))"
+    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for heavy in ("lightning", "datasets", "tokenizers", "triton", "transformers"):
+        assert f"'{heavy}'" not in modules, heavy
