@@ -8,6 +8,7 @@ read a training config. User errors print as one paragraph and exit with status 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -100,8 +101,21 @@ def prepare(argv: Sequence[str]) -> None:
     _DataOnlyCLI(args=argv, run=False).datamodule.prepare_data()
 
 
+def plot(argv: Sequence[str]) -> None:
+    """Loss curves of runs in one PNG."""
+    from sa_train.tools.plot import plot_loss
+
+    parser = argparse.ArgumentParser(prog="python -m sa_train plot", description=plot_loss.__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.csv")
+    parser.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (loss.png)")
+    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window of the train loss (10)")
+    args = parser.parse_args(argv)
+    plot_loss(args.runs, args.out, args.smooth)
+
+
 TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "prepare": (prepare, "tokenise a config's data into the shard cache once (fit does it on demand)"),
+    "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
 }
 
 

@@ -1,0 +1,67 @@
+"""``python -m sa_train plot``: loss curves of one or more runs in one PNG, e.g. an SA model beside its
+dense twin."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from sa_train.errors import DataError
+
+
+def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per metric, the (step, value) pairs a CSVLogger run folder holds."""
+    path = run / "metrics.csv" if run.is_dir() else run
+    if not path.is_file():
+        raise DataError(
+            f"plot: no metrics.csv at {path}; pass a run folder written by the CSV logger, "
+            "e.g. runs/sa-tiny/version_0."
+        )
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value:
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values: train loss is noisy per step, the trend is what matters."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) -> Path:
+    """Plot the train loss (smoothed) and validation loss of each run against the optimizer step,
+    e.g. runs/sa-tiny/version_0 beside runs/dense-tiny/version_0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for run in map(Path, runs):
+        metrics = read_metrics(run)
+        label = run.parent.name if run.name.startswith("version_") else run.name
+        train = metrics.get("train/loss", [])
+        if train:
+            steps, values = zip(*train, strict=True)
+            (line,) = ax.plot(steps, moving_average(list(values), smooth), label=f"{label} train")
+            if "val/loss" in metrics:
+                val_steps, val_values = zip(*metrics["val/loss"], strict=True)
+                ax.plot(val_steps, val_values, "o--", color=line.get_color(), label=f"{label} val")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out

@@ -1,0 +1,46 @@
+"""`python -m sa_train plot`: loss curves from CSVLogger runs."""
+
+from __future__ import annotations
+
+from sa_train.cli import main
+from sa_train.tools.plot import moving_average, read_metrics
+
+
+def write_run(folder, losses, val):
+    folder.mkdir(parents=True)
+    lines = ["epoch,step,train/loss,train/lr,val/loss"]
+    lines += [f"0,{step},{loss},0.001," for step, loss in enumerate(losses)]
+    lines += [f"0,{step},,,{loss}" for step, loss in val]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_moving_average_is_a_trailing_mean():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], window=5) == [2.0, 3.0]
+
+
+def test_plot_writes_a_png_of_every_run(tmp_path, capsys):
+    write_run(tmp_path / "sa" / "version_0", [8.0, 7.0, 6.5, 6.0], [(3, 6.2)])
+    write_run(tmp_path / "dense" / "version_0", [8.0, 7.2, 6.6, 6.1], [(3, 6.3)])
+    assert read_metrics(tmp_path / "sa" / "version_0")["val/loss"] == [(3, 6.2)]
+    out = tmp_path / "plots" / "loss.png"
+    assert (
+        main(
+            [
+                "plot",
+                str(tmp_path / "sa" / "version_0"),
+                str(tmp_path / "dense" / "version_0"),
+                "--out",
+                str(out),
+                "--smooth",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.csv" in capsys.readouterr().err
