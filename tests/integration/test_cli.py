@@ -247,3 +247,14 @@ def test_last_checkpoint_holds_the_final_step_between_save_intervals(tmp_path, s
     checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
     assert torch.load(checkpoints / "epoch=0-step=4.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_plain_checkpoints(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(
+        ["fit", "--config", str(config), "--trainer.max_steps=3", "--model.compile=true"], capsys
+    )
+    assert code == 0, err
+    model = SAModel.from_checkpoint(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
+    assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
