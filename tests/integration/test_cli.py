@@ -258,3 +258,21 @@ def test_compiled_training_writes_plain_checkpoints(tmp_path, small_corpus, caps
     assert code == 0, err
     model = SAModel.from_checkpoint(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
     assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path, small_corpus):
+    """Two gloo ranks: each reads its own shard of every epoch, tokens are counted across ranks."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=4"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *ddp],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv").open()))
+    tokens = [float(r["train/tokens"]) for r in rows if r.get("train/tokens")]
+    assert tokens == [2 * 8 * 64 * step for step in range(1, 5)]
