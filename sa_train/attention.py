@@ -154,24 +154,30 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 
 
 @functools.cache
-def get_backend(name: str, device_type: str) -> AttentionBackend:
-    """Resolve a configured backend name for a device; 'auto' picks Triton on CUDA. Logged once."""
-    if name == "auto":
-        name = "triton" if device_type == "cuda" and _triton_ready() else "torch"
-    if name not in BACKENDS:
+def get_backend(name: str, device_type: str, head_dim: int) -> AttentionBackend:
+    """Resolve a configured backend for a device and head size; logged once per resolution.
+
+    'auto' picks the Triton kernels on CUDA when they can run this head size, PyTorch otherwise.
+    """
+    if name not in ("auto", *BACKENDS):
         raise ConfigError(
             f"model.config.attention_backend={name!r} is unknown; use one of auto, {', '.join(BACKENDS)}."
         )
-    if name == "triton" and not _triton_ready():
+    if name == "auto":
+        name = "triton" if device_type == "cuda" and _kernels_can_run(head_dim) else "torch"
+    elif name == "triton" and not _kernels_can_run(head_dim):
         raise ConfigError(
-            "model.config.attention_backend='triton' needs the triton package and a CUDA device (or "
-            "TRITON_INTERPRET=1 for tests); use attention_backend: auto or torch on this machine."
+            "model.config.attention_backend='triton' needs the triton package, a CUDA device (or "
+            "TRITON_INTERPRET=1 for tests) and a head size (d_model / n_heads) that is a power of two "
+            f">= 16 (here {head_dim}); use attention_backend: auto or torch."
         )
     log.info("shared attention on %s uses the %s backend", device_type, name)
     return BACKENDS[name]()
 
 
-def _triton_ready() -> bool:
+def _kernels_can_run(head_dim: int) -> bool:
+    """Imported lazily: CPU runs never load triton."""
     from sa_train import kernels
+    from sa_train.kernels.checks import head_dim_supported
 
-    return kernels.is_available()
+    return kernels.is_available() and head_dim_supported(head_dim)

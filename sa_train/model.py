@@ -160,7 +160,7 @@ class SAModel(nn.Module):
                 "the sequence (data.seq_len) or build the model with a larger max_seq_len."
             )
         rope = self.rope(torch.arange(seq_len, device=input_ids.device))
-        backend = get_backend(self.config.attention_backend, input_ids.device.type)
+        backend = get_backend(self.config.attention_backend, input_ids.device.type, self.config.head_dim)
         x = self.embed(input_ids)
         weights: GroupWeights | None = None
         for block in self.layers:

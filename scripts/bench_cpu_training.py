@@ -57,7 +57,7 @@ def step_timer(
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
 
     def step() -> float:
-        with mock.patch.object(model_module, "get_backend", lambda name, device: backend):
+        with mock.patch.object(model_module, "get_backend", lambda *_: backend):
             start = time.perf_counter()
             logits = model(ids[:, :-1])
             F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()

@@ -4,9 +4,13 @@ import torch
 from torch import Tensor
 
 
-def check_head_dim(head_dim: int) -> None:
+def head_dim_supported(head_dim: int) -> bool:
     """Kernels tile the head dimension whole; tl.arange needs a power of two and tl.dot at least 16."""
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def check_head_dim(head_dim: int) -> None:
+    if not head_dim_supported(head_dim):
         raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
 
 

@@ -216,3 +216,12 @@ def test_model_with_triton_backend_matches_reference(groups) -> None:
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got_grad, want_grad, atol=ATOL, rtol=1e-3)
+
+
+def test_triton_backend_refuses_a_head_size_the_kernels_cannot_tile() -> None:
+    from sa_train import SAConfig, SAModel
+    from sa_train.errors import ConfigError
+
+    model = SAModel(SAConfig(vocab_size=50, d_model=48, n_layers=2, n_heads=2, attention_backend="triton"))
+    with pytest.raises(ConfigError, match=r"power of two >= 16 \(here 24\)"):
+        model(torch.zeros(1, 4, dtype=torch.long))

@@ -201,7 +201,11 @@ def test_model_core_imports_torch_alone():
     import subprocess
     import sys
 
-    code = "import sys, sa_train; sa_train.SAModel(sa_train.SAConfig()); print(sorted(sys.modules))"
+    code = (
+        "import sys, torch, sa_train\n"
+        "sa_train.SAModel(sa_train.SAConfig())(torch.zeros(1, 4, dtype=torch.long))\n"
+        "print(sorted(sys.modules))"
+    )
     modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for heavy in ("lightning", "datasets", "tokenizers", "triton", "transformers"):
         assert f"'{heavy}'" not in modules, heavy
