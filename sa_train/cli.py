@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,6 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sa_train.callbacks import LastStepCheckpoint
 from sa_train.checkpoint import AtomicCheckpointIO
@@ -136,6 +138,11 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_upstream_noise() -> None:
+    """Deprecation notices Lightning 2.6 raises inside itself every run; nothing a user can act on."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def _show_library_info() -> None:
     """sa_train's own INFO lines (e.g. which attention backend runs) go to stderr beside Lightning's."""
     logger = logging.getLogger("sa_train")
@@ -146,6 +153,7 @@ def _show_library_info() -> None:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Run a command; ``args`` defaults to the process's own arguments. Returns the exit status."""
+    _quiet_upstream_noise()
     _show_library_info()
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
@@ -160,7 +168,7 @@ def main(args: Sequence[str] | None = None) -> int:
         else:
             print(f"error: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
             return 2
-    except SATrainError as error:
+    except (SATrainError, MisconfigurationException) as error:  # Lightning's: a bad Trainer setting
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
