@@ -112,7 +112,7 @@ class CausalLM(L.LightningModule):
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", self.tokens_seen.float(), reduce_fx="max")
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
