@@ -78,6 +78,13 @@ def tiny_run_config(tmp_path: Path, corpus: Path, **model_config) -> Path:
     return path
 
 
+def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m sa_train ARGS`` in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "sa_train", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the CLI in this process; returns (exit status, stdout, stderr)."""
     try:
@@ -91,13 +98,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.slow
 def test_fit_through_the_cli_trains_and_writes_loadable_checkpoints(tmp_path, small_corpus):
     config = tiny_run_config(tmp_path, small_corpus)
-    result = subprocess.run(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(config)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_module(["fit", "--config", str(config)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     run = tmp_path / "runs" / "tiny" / "version_0"
@@ -119,13 +120,7 @@ def test_fit_through_the_cli_trains_and_writes_loadable_checkpoints(tmp_path, sm
 def test_bad_input_fails_in_a_subprocess_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": {"config": {"n_layers": 4, "sa_groups": [[0], [2, 3]]}}}))
-    result = subprocess.run(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module(["fit", "--config", str(bad)], ROOT)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "model.config.sa_groups" in result.stderr and "skips layer 1" in result.stderr
@@ -269,13 +264,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, small_corpus):
     """Two gloo ranks: each reads its own shard of every epoch, tokens are counted across ranks."""
     config = tiny_run_config(tmp_path, small_corpus)
     ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=4"]
-    result = subprocess.run(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *ddp],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_module(["fit", "--config", str(config), *ddp], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv").open()))
     tokens = [float(r["train/tokens"]) for r in rows if r.get("train/tokens")]

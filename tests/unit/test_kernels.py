@@ -225,3 +225,12 @@ def test_triton_backend_refuses_a_head_size_the_kernels_cannot_tile() -> None:
     model = SAModel(SAConfig(vocab_size=50, d_model=48, n_layers=2, n_heads=2, attention_backend="triton"))
     with pytest.raises(ConfigError, match=r"power of two >= 16 \(here 24\)"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
+def test_kernel_benchmark_without_cuda_says_so_and_measures_nothing() -> None:
+    script = REPO_ROOT / "scripts" / "bench_kernels.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA device, nothing measured" in result.stdout
+    assert "TFLOP" not in result.stdout
