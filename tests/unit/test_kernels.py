@@ -46,6 +46,8 @@ SHAPES = [  # (B, H, Hkv, T, D)
     (2, 4, 2, 17, 16),
     (1, 4, 1, 33, 32),
     (1, 2, 2, 64, 16),
+    (1, 2, 1, 20, 64),  # the head sizes the GPU tiles are built for
+    (1, 2, 2, 9, 128),
 ]
 
 
@@ -102,7 +104,13 @@ def _group_loss(
 
 @pytest.mark.parametrize(
     ("b", "h", "hkv", "t", "d", "layers"),
-    [(2, 4, 2, 17, 16, 3), (1, 2, 1, 33, 32, 4), (1, 2, 2, 64, 16, 3)],
+    [
+        (2, 4, 2, 17, 16, 3),
+        (1, 2, 1, 33, 32, 4),
+        (1, 2, 2, 64, 16, 3),
+        (1, 2, 1, 20, 64, 2),
+        (1, 2, 2, 9, 128, 2),
+    ],
 )
 def test_group_gradients(b: int, h: int, hkv: int, t: int, d: int, layers: int) -> None:
     q, k, v = _qkv(b, h, hkv, t, d, seed=1)
