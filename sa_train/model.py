@@ -64,7 +64,6 @@ class Attention(nn.Module):
 
     def __init__(self, config: SAConfig, is_anchor: bool, shares: bool) -> None:
         super().__init__()
-        self.config = config
         self.is_anchor = is_anchor
         self.shares = shares
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
