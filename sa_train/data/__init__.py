@@ -1,5 +1,5 @@
 """Data pipeline: corpus loading, tokenizer, cached token shards, packed samples and resumable loaders."""
 
-from sa_train.data.datamodule import TokenDataModule, prepare
+from sa_train.data.datamodule import TokenDataModule
 
-__all__ = ["TokenDataModule", "prepare"]
+__all__ = ["TokenDataModule"]

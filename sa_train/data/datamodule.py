@@ -188,9 +188,3 @@ class TokenDataModule(L.LightningDataModule):
     @property
     def cache_folder(self) -> str:
         return self.cache.folder
-
-
-def prepare(datamodule: TokenDataModule) -> ShardCache:
-    """Entry point of ``python -m sa_train prepare``: build (or find) the cache and return its description."""
-    datamodule.prepare_data()
-    return datamodule.cache

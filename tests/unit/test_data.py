@@ -15,7 +15,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from sa_train.data import TokenDataModule, prepare, shards, sources
+from sa_train.data import TokenDataModule, shards, sources
 from sa_train.data.dataset import PackedTokenDataset
 from sa_train.data.loader import EpochBatchSampler, ResumableLoader
 from sa_train.errors import DataError
@@ -140,7 +140,7 @@ def test_second_prepare_reuses_cache(tmp_path: Path, capsys: pytest.CaptureFixtu
     before = manifest.stat().st_mtime_ns
     capsys.readouterr()
     again = _dm(tmp_path, source)
-    prepare(again)
+    again.prepare_data()
     assert manifest.stat().st_mtime_ns == before
     assert "found at" in capsys.readouterr().out
     assert _dm(tmp_path, source, seed=7).spec.key() != folder  # a different split is a different cache
