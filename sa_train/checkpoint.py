@@ -1,23 +1,104 @@
-"""Atomic checkpoint writes: a crash mid-save never leaves a truncated checkpoint behind.
+"""The checkpoint layout: the one module that knows what a sa_train checkpoint holds.
 
-Lightning's default writer stages through a temp file in the system temp folder and moves it into
-place, which is a plain (non-atomic) copy whenever that folder is on another filesystem. Here the
-temp file sits beside the target, is fsynced, then renamed over it: readers see the old file or the
-new one, nothing in between.
+A checkpoint is Lightning's dict (``state_dict``, optimizer and loop state, ...) plus the entries that make
+it self-contained for inference on another machine:
+
+- ``sa_config``: :meth:`SAConfig.to_dict`, the architecture, groups included;
+- ``tokenizer``: the text of the run's ``tokenizer.json`` (absent when the run had no data module);
+- model weights under ``state_dict`` with the ``model.`` prefix of :class:`CausalLM`'s attribute.
+
+Writers (the LightningModule) call :func:`add_model_entries`; readers (``SAModel.from_checkpoint``,
+``generate``, ``export``) call :func:`read_checkpoint`. Everything here is torch only.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from sa_train.config import SAConfig
+from sa_train.errors import CheckpointError, SATrainError
+
+CONFIG_KEY = "sa_config"
+TOKENIZER_KEY = "tokenizer"
+MODEL_PREFIX = "model."
+
+
+def add_model_entries(checkpoint: dict[str, Any], config: SAConfig, tokenizer_json: str | None) -> None:
+    """Add the architecture and the tokenizer to a Lightning checkpoint dict being saved."""
+    checkpoint[CONFIG_KEY] = config.to_dict()
+    if tokenizer_json is not None:
+        checkpoint[TOKENIZER_KEY] = tokenizer_json
+
+
+@dataclass
+class ModelCheckpoint:
+    """What inference needs from a checkpoint: the architecture, the weights and the tokenizer."""
+
+    path: Path
+    config: SAConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_json: str | None
+    global_step: int | None
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> ModelCheckpoint:
+    """Read a sa_train checkpoint without unpickling arbitrary objects (``weights_only`` loading).
+
+    Raises :class:`CheckpointError` with the reason and the fix for a missing, truncated or foreign file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"no checkpoint at {path}. Give the path of a .ckpt written by `python -m sa_train fit`, e.g. "
+            "runs/<name>/version_<N>/checkpoints/last.ckpt."
+        )
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file. Give the path of a .ckpt file written by fit."
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch's unpickler raises anything from IndexError to RuntimeError
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint ({first_line}). The file is truncated, damaged or not a "
+            "PyTorch checkpoint; use another checkpoint of the run (e.g. last.ckpt or a step checkpoint)."
+        ) from error
+    if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a sa_train checkpoint: it has no '{CONFIG_KEY}' and 'state_dict' entries. Use a "
+            ".ckpt written by `python -m sa_train fit` (a plain state_dict file holds no architecture)."
+        )
+    try:
+        config = SAConfig(**checkpoint[CONFIG_KEY])
+    except (TypeError, SATrainError) as error:
+        raise CheckpointError(
+            f"{path} holds a model config this version of sa_train cannot build ({error})."
+        ) from error
+    state = {
+        key[len(MODEL_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(MODEL_PREFIX)
+    }
+    return ModelCheckpoint(
+        path=path,
+        config=config,
+        state_dict=state,
+        tokenizer_json=checkpoint.get(TOKENIZER_KEY),
+        global_step=checkpoint.get("global_step"),
+    )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, rename: readers see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,14 +116,3 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes each checkpoint atomically (local filesystems)."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_torch_save(checkpoint, path)

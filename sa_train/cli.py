@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sa_train.callbacks import LastStepCheckpoint
-from sa_train.checkpoint import AtomicCheckpointIO
+from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.data import TokenDataModule
 from sa_train.errors import ConfigError, SATrainError
 from sa_train.training import CausalLM

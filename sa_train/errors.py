@@ -11,3 +11,7 @@ class ConfigError(SATrainError, ValueError):
 
 class DataError(SATrainError):
     """Input data is missing, empty, corrupt or inconsistent with the model."""
+
+
+class CheckpointError(SATrainError):
+    """A checkpoint is missing, unreadable, or not a sa_train checkpoint."""

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sa_train.attention import AttentionBackend, GroupWeights, get_backend
 from sa_train.config import SAConfig
-from sa_train.errors import ConfigError
+from sa_train.errors import CheckpointError, ConfigError
 
 
 class RMSNorm(nn.Module):
@@ -171,15 +171,22 @@ class SAModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> SAModel:
-        """Load the model of a sa_train Lightning checkpoint, in eval mode."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        if "sa_config" not in checkpoint:
-            raise ValueError(f"{path} is not a sa_train checkpoint (it has no 'sa_config' entry)")
-        model = cls(SAConfig(**checkpoint["sa_config"]))
-        prefix = "model."
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        model.load_state_dict(state)
+        """Load the model of a sa_train checkpoint (:mod:`sa_train.checkpoint`), in eval mode."""
+        from sa_train.checkpoint import read_checkpoint
+
+        saved = read_checkpoint(path, map_location)
+        model = cls(saved.config)
+        missing, unexpected = model.load_state_dict(saved.state_dict, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{saved.path}: its weights do not match the architecture it declares (missing "
+                f"{_first(missing)}, unexpected {_first(unexpected)}). The file was edited or written by "
+                "another version of sa_train; use a checkpoint written by `python -m sa_train fit`."
+            )
         return model.eval()
+
+
+def _first(names: list[str], count: int = 3) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sa_train.checkpoint import add_model_entries
 from sa_train.config import SAConfig
 from sa_train.errors import ConfigError
 from sa_train.model import SAModel
@@ -134,4 +136,10 @@ class CausalLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sa_config"] = self.config.to_dict()
+        """The architecture and the tokenizer travel with the weights (:mod:`sa_train.checkpoint`)."""
+        add_model_entries(checkpoint, self.config, self._tokenizer_json())
+
+    def _tokenizer_json(self) -> str | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        path = getattr(datamodule, "tokenizer_path", None)
+        return Path(path).read_text(encoding="utf-8") if path else None

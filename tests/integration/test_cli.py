@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tokenizers import Tokenizer
 
 from sa_train import SAConfig, SAModel
+from sa_train.checkpoint import read_checkpoint
 from sa_train.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +117,8 @@ def test_fit_through_the_cli_trains_and_writes_loadable_checkpoints(tmp_path, sm
     assert torch.equal(model.layers[0].attn.q_proj.weight, stored["model.layers.0.attn.q_proj.weight"])
     logits = model(torch.randint(0, 512, (2, 16)))
     assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
+    tokenizer = Tokenizer.from_str(read_checkpoint(run / "checkpoints" / "last.ckpt").tokenizer_json)
+    assert tokenizer.decode(tokenizer.encode("To be, or not").ids) == "To be, or not"
 
 
 def test_bad_input_fails_in_a_subprocess_without_traceback(tmp_path):
