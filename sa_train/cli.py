@@ -58,6 +58,9 @@ class SACLI(LightningCLI):
             CausalLM,
             TokenDataModule,
             seed_everything_default=1234,
+            # Step-based runs: val_check_interval counts optimizer steps across epochs, so a run whose
+            # interval exceeds one epoch validates instead of failing Lightning's per-epoch check.
+            trainer_defaults={"check_val_every_n_epoch": None},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "python -m sa_train"},
             parser_class=SAArgumentParser,

@@ -9,16 +9,17 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
 
 from sa_train.checkpoint import add_model_entries
 from sa_train.config import SAConfig
-from sa_train.errors import ConfigError
+from sa_train.errors import ConfigError, SATrainError
 from sa_train.model import SAModel
 
 
@@ -31,15 +32,63 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool = True,
 ) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only; the fused kernel (CPU and CUDA) is ~15x faster on CPU."""
+    """AdamW with decay on matrices only; the fused kernel (CPU and CUDA) is ~15x faster on CPU than the
+    per-parameter loop. ``fused=False`` uses the multi-tensor (foreach) kernel instead."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True
+    )
+
+
+def fused_optimizer_fits(precision: str) -> bool:
+    """Whether the fused AdamW can run under a Trainer ``precision`` with gradient clipping.
+
+    Only ``16-mixed`` scales the loss (a GradScaler): gradients must be unscaled before they are clipped,
+    and a fused optimizer unscales inside its own step, too late, so that precision gets the foreach kernel.
+    ``bf16-mixed`` and ``32-true`` never scale, so the fused kernel and clipping work together there (and
+    :meth:`CausalLM.configure_gradient_clipping` clips itself, as Lightning refuses every fused optimizer).
+    """
+    return precision not in ("16-mixed", "16")
+
+
+def _check_optimizer_settings(
+    lr: float,
+    min_lr_ratio: float,
+    warmup_steps: int,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    problems = []
+    if not lr > 0:
+        problems.append(f"model.lr={lr} must be positive (3e-4 is a common start)")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        problems.append(f"model.min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
+    if warmup_steps < 0:
+        problems.append(f"model.warmup_steps={warmup_steps} must be >= 0")
+    if weight_decay < 0:
+        problems.append(f"model.weight_decay={weight_decay} must be >= 0 (0 switches decay off)")
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        problems.append(f"model.betas={list(betas)} must be two values in [0, 1), e.g. [0.9, 0.95]")
+    if not eps > 0:
+        problems.append(f"model.eps={eps} must be positive (1e-8 is usual)")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+
+
+class NonFiniteLossError(SATrainError):
+    """Training produced a NaN or infinite loss or gradient norm."""
 
 
 class CausalLM(L.LightningModule):
@@ -53,7 +102,11 @@ class CausalLM(L.LightningModule):
         weight_decay: AdamW decay, applied to matrices only (not to norms).
         betas: AdamW betas.
         eps: AdamW epsilon.
-        compile: Compile the model with ``torch.compile`` (first steps are slow while it compiles).
+        compile: Compile the forward pass and the loss with ``torch.compile`` (first steps are slow
+            while it compiles).
+        nonfinite_loss: What a NaN/inf training loss does: ``stop`` ends the run with an error naming the
+            step and the last checkpoint (which is kept), ``skip`` skips that batch's update and counts it
+            in ``train/skipped_batches``.
     """
 
     def __init__(
@@ -66,23 +119,30 @@ class CausalLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         compile: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError(f"model.min_lr_ratio={min_lr_ratio} must lie in [0, 1].")
-        if warmup_steps < 0:
-            raise ConfigError(f"model.warmup_steps={warmup_steps} must be >= 0.")
+        _check_optimizer_settings(lr, min_lr_ratio, warmup_steps, weight_decay, betas, eps)
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ConfigError(f"model.nonfinite_loss={nonfinite_loss!r} must be 'stop' or 'skip'.")
         self.save_hyperparameters(ignore=["config"])
         self.config = config
         self.model = SAModel(config)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        # Lets Lightning's model summary show activation shapes and the forward FLOPs of one sequence.
-        self.example_input_array = torch.zeros(1, config.max_seq_len, dtype=torch.long)
+        self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
+        # Token-weighted mean NLL, summed across batches and processes before the exp: perplexity.
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+        self._loss_fn = self._logits_loss
+        # No example_input_array: Lightning's summary would run a FLOP-counting forward before training,
+        # after which Dynamo silently skips the model for good (compile had no effect through the CLI).
 
     def setup(self, stage: str) -> None:
         self._check_data_fits_model()
         if self.hparams["compile"]:
-            self.model.compile()
+            # The loss is compiled with the model: Inductor fuses the fp32 upcast of the logits into the
+            # cross-entropy instead of materialising a (batch, seq, vocab) fp32 copy.
+            self._loss_fn = torch.compile(self._logits_loss)
 
     def _check_data_fits_model(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -104,28 +164,108 @@ class CausalLM(L.LightningModule):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
 
-    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        inputs, targets = batch
+    def _logits_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         logits = self.model(inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Mean next-token cross-entropy (nats) of a batch ``(inputs, targets)``."""
+        return self._loss_fn(*batch)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         loss = self._loss(batch)
+        if not self._finite_on_every_rank(loss):
+            return self._handle_nonfinite(loss)
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", self.tokens_seen.float(), reduce_fx="max")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
+    def _finite_on_every_rank(self, value: Tensor) -> bool:
+        """One flag for all ranks, so they stop or skip together (a lone rank skipping would hang DDP)."""
+        finite = torch.isfinite(value.detach()).to(torch.float32)
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite.item())
+
+    def _handle_nonfinite(self, loss: Tensor) -> None:
+        step = self.trainer.global_step
+        if self.hparams["nonfinite_loss"] == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", self.skipped_batches.float(), reduce_fx="max")
+            return None
+        raise NonFiniteLossError(
+            f"the training loss became {loss.item()} at step {step}, so the run stopped before that update; "
+            f"{self._last_checkpoint_words()} Lower model.lr, raise model.warmup_steps or set "
+            "trainer.gradient_clip_val, then resume from that checkpoint with --ckpt_path (or set "
+            "model.nonfinite_loss: skip to skip such batches)."
+        )
+
+    def _last_checkpoint_words(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        return (
+            f"the newest checkpoint, {path}, holds finite weights."
+            if path
+            else "no checkpoint was written yet."
+        )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip, log ``train/grad_norm``, and stop before an update with non-finite gradients.
+
+        Runs after Lightning has unscaled fp16 gradients, so it also serves the fused optimizer under
+        bf16-mixed, which Lightning's own clipping refuses (see :func:`fused_optimizer_fits`).
+        """
+        params = [p for p in self.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value" and gradient_clip_val:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        max_norm = gradient_clip_val if gradient_clip_val and gradient_clip_algorithm != "value" else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.log("train/grad_norm", norm)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not self._finite_on_every_rank(
+            norm
+        ):
+            raise NonFiniteLossError(
+                f"the gradients became non-finite at step {self.trainer.global_step} while the loss was "
+                f"finite, so the run stopped before that update; {self._last_checkpoint_words()} Lower "
+                "model.lr or set trainer.gradient_clip_val, then resume from that checkpoint."
+            )
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+        self.val_nll.update(self._loss(batch), weight=batch[1].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_nll("val", self.val_nll)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("test/loss", self._loss(batch), sync_dist=True)
+        self.test_nll.update(self._loss(batch), weight=batch[1].numel())
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nll("test", self.test_nll)
+
+    def _log_nll(self, split: str, metric: MeanMetric) -> None:
+        """``{split}/loss`` (mean NLL per token, nats) and ``{split}/ppl`` = exp of it, over all processes."""
+        nll = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", nll, prog_bar=split == "val", sync_dist=False)
+        self.log(f"{split}/ppl", nll.exp(), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = build_optimizer(self.model, hp["lr"], hp["weight_decay"], tuple(hp["betas"]), hp["eps"])
+        optimizer = build_optimizer(
+            self.model,
+            hp["lr"],
+            hp["weight_decay"],
+            tuple(hp["betas"]),
+            hp["eps"],
+            fused=fused_optimizer_fits(str(self.trainer.precision)),
+        )
         schedule = functools.partial(
             warmup_cosine,
             warmup_steps=hp["warmup_steps"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import subprocess
 import sys
@@ -20,18 +19,6 @@ from sa_train.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory) -> Path:
-    """~300 KB of the shipped corpus, cut into 40 documents, so a run takes seconds."""
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        text = "".join(json.loads(line)["text"] for line in f)[:300_000]
-    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(40):
-            f.write(json.dumps({"id": i, "body": text[i * 7500 : (i + 1) * 7500]}) + "\n")
-    return path
 
 
 def tiny_run_config(tmp_path: Path, corpus: Path, **model_config) -> Path:

@@ -1,0 +1,74 @@
+"""Training runs through the CLI: mixed precision with clipping, compiled steps, non-finite losses."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+from test_cli import run_cli, tiny_run_config
+from torch._dynamo.utils import counters
+
+from sa_train import SAModel
+
+
+def metrics(tmp_path, key: str) -> list[float]:
+    rows = csv.DictReader((tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv").open())
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+@pytest.mark.slow
+def test_bf16_mixed_fit_with_clipping_trains(tmp_path, small_corpus, capsys):
+    """The shipped 350M settings (bf16-mixed, clipping at 1.0, fused AdamW) on CPU: the first optimizer step
+    used to raise "AdamW does not allow for gradient clipping"."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    args = ["--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0", "--trainer.max_steps=12"]
+    code, _, err = run_cli(["fit", "--config", str(config), *args], capsys)
+    assert code == 0, err
+    losses, norms = metrics(tmp_path, "train/loss"), metrics(tmp_path, "train/grad_norm")
+    assert len(losses) == len(norms) == 12
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
+    assert all(math.isfinite(n) and n > 0 for n in norms)
+
+
+@pytest.mark.slow
+def test_compile_through_the_cli_runs_compiled_code(tmp_path, small_corpus, capsys):
+    counters.clear()
+    config = tiny_run_config(tmp_path, small_corpus)
+    args = ["--trainer.max_steps=3", "--model.compile=true", "--trainer.val_check_interval=3"]
+    code, _, err = run_cli(["fit", "--config", str(config), *args], capsys)
+    assert code == 0, err
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert counters["frames"]["ok"] >= 1
+    model = SAModel.from_checkpoint(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
+    assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
+    assert metrics(tmp_path, "val/ppl")
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    every_step = {
+        "class_path": "sa_train.callbacks.LastStepCheckpoint",
+        "init_args": {"every_n_train_steps": 1, "save_last": True},
+    }
+    args = [
+        "--model.lr=1e6",
+        "--model.warmup_steps=0",
+        "--trainer.max_steps=30",
+        f"--trainer.callbacks=[{yaml.safe_dump(every_step, default_flow_style=True).strip()}]",
+    ]
+    code, _, err = run_cli(["fit", "--config", str(config), *args], capsys)
+    assert code == 2, err
+    message = err[err.index("error:") :]
+    assert "non-finite" in message or "became nan" in message, message
+    assert "Traceback" not in err
+    checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    assert str(last) in message
+    model = SAModel.from_checkpoint(last)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step < 30
