@@ -9,6 +9,7 @@ read a training config. User errors print as one paragraph and exit with status 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import warnings
@@ -118,9 +119,19 @@ def plot(argv: Sequence[str]) -> None:
     plot_loss(args.runs, args.out, args.smooth)
 
 
+def _tool(name: str) -> Callable[[Sequence[str]], None]:
+    """The ``main`` of ``sa_train.tools.<name>``, imported when the command runs (keeps --help fast)."""
+
+    def run(argv: Sequence[str]) -> None:
+        importlib.import_module(f"sa_train.tools.{name}").main(argv)
+
+    return run
+
+
 TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "prepare": (prepare, "tokenise a config's data into the shard cache once (fit does it on demand)"),
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
+    "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
 }
 
 

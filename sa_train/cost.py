@@ -10,7 +10,12 @@ that is the whole saving.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from sa_train.config import SAConfig
+
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def matmul_params(config: SAConfig) -> int:
@@ -39,4 +44,75 @@ def kv_cache_vectors_per_token(config: SAConfig) -> int:
 
 
 def kv_cache_bytes_per_token(config: SAConfig, bytes_per_element: int = 2) -> int:
+    """Cache bytes per token: each cached vector holds ``n_kv_heads · head_dim`` elements (GQA-aware)."""
+    assert config.n_kv_heads is not None
     return kv_cache_vectors_per_token(config) * config.n_kv_heads * config.head_dim * bytes_per_element
+
+
+def parameter_count(config: SAConfig) -> int:
+    """Every parameter of :class:`SAModel`: matmul weights, the embedding (unless tied) and the norms."""
+    embedding = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    norms = (2 * config.n_layers + 1) * config.d_model
+    return matmul_params(config) + embedding + norms
+
+
+def non_embedding_parameter_count(config: SAConfig) -> int:
+    """Parameters without the embedding and the LM head (the usual scaling-law count)."""
+    tied_or_not = 1 if config.tie_embeddings else 2
+    return parameter_count(config) - tied_or_not * config.vocab_size * config.d_model
+
+
+def decode_flops_per_token(config: SAConfig, context: int) -> float:
+    """Forward FLOPs of one generated token that attends to ``context`` cached positions."""
+    return forward_flops_per_token(config, context)
+
+
+def prefill_flops(config: SAConfig, prompt_len: int) -> float:
+    """Forward FLOPs of a prompt of ``prompt_len`` tokens (causal attention, as flash kernels compute)."""
+    return prompt_len * forward_flops_per_token(config, prompt_len, causal=True)
+
+
+def dense_twin(config: SAConfig) -> SAConfig:
+    """The same shape with every layer its own group: the model SA is measured against."""
+    return dataclasses.replace(config, sa_groups="dense")
+
+
+def cost_summary(config: SAConfig, seq_len: int, context: int, bytes_per_element: int) -> dict[str, Any]:
+    """Analytic costs of one config (see the module docstring for the conventions)."""
+    kv_per_token = kv_cache_bytes_per_token(config, bytes_per_element)
+    return {
+        "n_layers": config.n_layers,
+        "n_anchors": len(config.groups),
+        "params": parameter_count(config),
+        "non_embedding_params": non_embedding_parameter_count(config),
+        "train_flops_per_token": training_flops_per_token(config, seq_len, causal=True),
+        "prefill_flops": prefill_flops(config, seq_len),
+        "decode_flops_per_token": decode_flops_per_token(config, context),
+        "kv_cache_vectors_per_token": kv_cache_vectors_per_token(config),
+        "kv_cache_bytes_per_token": kv_per_token,
+        "kv_cache_bytes_full_context": kv_per_token * config.max_seq_len,
+    }
+
+
+def cost_report(
+    config: SAConfig, seq_len: int, context: int | None = None, dtype: str = "bf16"
+) -> dict[str, Any]:
+    """Costs of ``config`` and of its dense twin, with the savings as ratios (dense / SA; > 1 is a saving).
+
+    ``seq_len`` is the training (and prefill) length, ``context`` the cached positions a decoded token
+    attends to (default ``config.max_seq_len``), ``dtype`` the cache element type (fp32, bf16, fp16).
+    """
+    context = config.max_seq_len if context is None else context
+    size = BYTES_PER_ELEMENT[dtype]
+    sa = cost_summary(config, seq_len, context, size)
+    dense = cost_summary(dense_twin(config), seq_len, context, size)
+    ratios = ("params", "train_flops_per_token", "prefill_flops", "decode_flops_per_token")
+    return {
+        "settings": {"seq_len": seq_len, "context": context, "dtype": dtype},
+        "sa": sa,
+        "dense_twin": dense,
+        "savings": {
+            **{f"{key}_dense_over_sa": dense[key] / sa[key] for key in ratios},
+            "kv_cache_sa_over_dense": sa["kv_cache_bytes_per_token"] / dense["kv_cache_bytes_per_token"],
+        },
+    }
