@@ -1,9 +1,19 @@
-"""Lightning callbacks of the training layer."""
+"""Lightning callbacks of the training layer: checkpoints, throughput, inference cost."""
 
 from __future__ import annotations
 
+import math
+import time
+from typing import Any
+
 import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from sa_train.cost import cost_report, training_flops_per_token
+from sa_train.errors import ConfigError
 
 
 class LastStepCheckpoint(ModelCheckpoint):
@@ -19,3 +29,132 @@ class LastStepCheckpoint(ModelCheckpoint):
         if self.save_last and stepped_since_save and not trainer.fast_dev_run:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in under a Trainer ``precision`` (what the peak FLOP/s depends on)."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """This CPU's fp32 matmul FLOP/s, the best of a few ``size``³ products: the MFU reference where no table
+    of peaks applies (a CPU's sustained matmul rate, not its datasheet number)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class TrainingThroughput(L.Callback):
+    """Logs ``train/tokens_per_sec`` (all devices), ``train/device/tokens_per_sec`` and ``train/mfu`` (model
+    FLOPs utilisation per device), with Lightning's :class:`Throughput` over a window of logging steps.
+
+    FLOPs are the analytic training FLOPs of :mod:`sa_train.cost` (causal attention), so SA and dense runs
+    are compared by the work their architecture needs. The peak is Lightning's table for known GPUs at the
+    run's compute dtype, or on CPU a fp32 matmul measured once at setup. Timing is taken only on logging
+    steps, so on GPU the callback adds no synchronisation to the other steps.
+
+    Args:
+        window: Logging steps the rates are averaged over.
+    """
+
+    def __init__(self, window: int = 5) -> None:
+        super().__init__()
+        if window < 2:
+            raise ConfigError(f"TrainingThroughput window={window} must be at least 2 logging steps.")
+        self.window = window
+        self.peak_flops: float | None = None
+        self._meter: Throughput | None = None
+        self._start = 0.0
+        self._batches = self._samples = self._tokens = 0
+        self._flops_since_update = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = trainer.strategy.root_device
+        if device.type == "cpu":
+            self.peak_flops = measure_matmul_flops()
+        else:
+            self.peak_flops = get_available_flops(device, compute_dtype(str(trainer.precision)))
+        self._meter = Throughput(
+            available_flops=self.peak_flops, world_size=trainer.world_size, window_size=self.window
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        assert self._meter is not None
+        inputs = batch[0]
+        self._batches += 1
+        self._samples += inputs.shape[0]
+        self._tokens += inputs.numel()
+        self._flops_since_update += inputs.numel() * training_flops_per_token(
+            pl_module.config, inputs.shape[1], causal=True
+        )
+        if (trainer.global_step % trainer.log_every_n_steps) != 0:
+            return
+        if inputs.device.type == "cuda":
+            torch.cuda.synchronize(inputs.device)
+        self._meter.update(
+            time=time.perf_counter() - self._start,
+            batches=self._batches,
+            samples=self._samples,
+            lengths=self._tokens,
+            flops=int(self._flops_since_update),
+        )
+        self._flops_since_update = 0.0
+        rates = self._meter.compute()
+        per_device = rates.get("device/items_per_sec")
+        if per_device is not None:
+            pl_module.log("train/device/tokens_per_sec", per_device)
+            pl_module.log("train/tokens_per_sec", per_device * trainer.world_size)
+        if "device/mfu" in rates:
+            pl_module.log("train/mfu", rates["device/mfu"])
+
+
+class InferenceCost(L.Callback):
+    """Logs at fit start what the architecture costs to serve and to train, beside its dense twin.
+
+    Metrics (step 0): ``cost/kv_bytes_per_token``, ``cost/kv_vs_dense`` ((L + anchors) / 2L),
+    ``cost/decode_flops_per_token``, ``cost/decode_flops_vs_dense``, ``cost/train_flops_per_token``,
+    ``cost/train_flops_vs_dense`` and ``cost/params``; the same line goes to the console once.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        config = pl_module.config
+        seq_len = getattr(trainer.datamodule, "seq_len", None) or config.max_seq_len
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            compute_dtype(str(trainer.precision)), "fp32"
+        )
+        report = cost_report(config, seq_len, config.max_seq_len, dtype)
+        sa, dense = report["sa"], report["dense_twin"]
+        metrics = {
+            "cost/params": sa["params"],
+            "cost/kv_bytes_per_token": sa["kv_cache_bytes_per_token"],
+            "cost/kv_vs_dense": report["savings"]["kv_cache_sa_over_dense"],
+            "cost/decode_flops_per_token": sa["decode_flops_per_token"],
+            "cost/decode_flops_vs_dense": sa["decode_flops_per_token"] / dense["decode_flops_per_token"],
+            "cost/train_flops_per_token": sa["train_flops_per_token"],
+            "cost/train_flops_vs_dense": sa["train_flops_per_token"] / dense["train_flops_per_token"],
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=0)
+        rank_zero_info(
+            f"Inference cost: KV cache {sa['kv_cache_vectors_per_token']} vectors/token "
+            f"({sa['kv_cache_bytes_per_token']} B in {dtype}, "
+            f"{metrics['cost/kv_vs_dense']:.3f} of the dense twin); "
+            f"decode {metrics['cost/decode_flops_vs_dense']:.3f} and training "
+            f"{metrics['cost/train_flops_vs_dense']:.3f} of the dense twin's FLOPs per token."
+        )

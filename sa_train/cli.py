@@ -165,6 +165,13 @@ def _show_library_info() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _missing_module(error: BaseException) -> ModuleNotFoundError | None:
+    """The ModuleNotFoundError behind an error (jsonargparse wraps it in ValueErrors), if any."""
+    while error is not None and not isinstance(error, ModuleNotFoundError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run a command; ``args`` defaults to the process's own arguments. Returns the exit status."""
     _quiet_upstream_noise()
@@ -184,5 +191,15 @@ def main(args: Sequence[str] | None = None) -> int:
             return 2
     except (SATrainError, MisconfigurationException) as error:  # Lightning's: a bad Trainer setting
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ModuleNotFoundError, ValueError) as error:  # an optional package a config names (e.g. a logger)
+        missing = _missing_module(error)
+        if missing is None:
+            raise
+        print(
+            f"error: the config needs a package that is not installed ({missing}). Install it with pip, e.g. "
+            "`pip install wandb` for WandbLogger, or choose another logger/strategy in the config.",
+            file=sys.stderr,
+        )
         return 2
     return 0

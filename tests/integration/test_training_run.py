@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +76,53 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, sm
     assert all(torch.isfinite(p).all() for p in model.parameters())
     step = torch.load(last, weights_only=True)["global_step"]
     assert 0 < step < 30
+
+
+@pytest.mark.slow
+def test_fit_logs_perplexity_cost_and_throughput_to_csv_and_offline_wandb(tmp_path, small_corpus):
+    pytest.importorskip("wandb")
+    loggers = [
+        {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
+        {
+            "class_path": "WandbLogger",
+            "init_args": {"save_dir": str(tmp_path), "offline": True, "project": "t"},
+        },
+    ]
+    callbacks = [
+        {"class_path": "sa_train.callbacks.TrainingThroughput", "init_args": {"window": 2}},
+        {"class_path": "sa_train.callbacks.InferenceCost"},
+    ]
+    extra = tmp_path / "loggers.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {"logger": loggers, "callbacks": callbacks}}))
+    config = tiny_run_config(tmp_path, small_corpus)
+    args = ["--config", str(extra), "--trainer.max_steps=6", "--trainer.val_check_interval=3"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    losses, ppls = metrics(tmp_path, "val/loss"), metrics(tmp_path, "val/ppl")
+    assert len(ppls) == 2 and ppls == pytest.approx([math.exp(loss) for loss in losses], rel=1e-5)
+    assert metrics(tmp_path, "cost/kv_vs_dense") == [(4 + 2) / (2 * 4)]  # 4 layers, groups of 2
+    assert all(rate > 0 for rate in metrics(tmp_path, "train/tokens_per_sec"))
+    assert all(0 < mfu < 1 for mfu in metrics(tmp_path, "train/mfu"))
+    (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = wandb_run.read_bytes()
+    for key in (b"val/ppl", b"cost/kv_vs_dense", b"train/tokens_per_sec", b"train/mfu", b"train/loss"):
+        assert key in recorded, key
+
+
+def test_a_logger_whose_package_is_missing_is_one_clear_error(tmp_path, small_corpus, capsys):
+    pytest.importorskip("lightning")
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed")
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(["fit", "--config", str(config), "--trainer.logger=MLFlowLogger"], capsys)
+    assert code == 2
+    assert "mlflow" in err and "pip install" in err and "Traceback" not in err
