@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from sa_train.cost import cost_report, training_flops_per_token
@@ -152,9 +152,49 @@ class InferenceCost(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
         rank_zero_info(
+            f"Model: {sa['params']:,} parameters ({sa['non_embedding_params']:,} without embeddings), "
+            f"{config.n_layers} layers in {len(config.groups)} attention groups {config.groups}.\n"
             f"Inference cost: KV cache {sa['kv_cache_vectors_per_token']} vectors/token "
             f"({sa['kv_cache_bytes_per_token']} B in {dtype}, "
             f"{metrics['cost/kv_vs_dense']:.3f} of the dense twin); "
             f"decode {metrics['cost/decode_flops_vs_dense']:.3f} and training "
             f"{metrics['cost/train_flops_vs_dense']:.3f} of the dense twin's FLOPs per token."
         )
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One progress bar over the run's optimizer steps when ``trainer.max_steps`` bounds it.
+
+    Lightning's bar counts the batches of an epoch, which a step-bounded run does not know in advance
+    (it printed ``Epoch 0/-2``, and ``205/4`` after a resume); this one shows ``step/max_steps`` across
+    epochs and resumes at the restored step. The logger's version number (``v_num``) is left out.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.max_steps < 1 or self.train_progress_bar.disable:
+            super().on_train_epoch_start(trainer, *args)
+            return
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:
+            bar.reset(total=trainer.max_steps)
+            bar.n = bar.last_print_n = trainer.global_step
+        bar.set_description(f"Epoch {trainer.current_epoch}")
+        bar.refresh()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.max_steps < 1:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar.disable or step == bar.n:
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -9,6 +9,7 @@ read a training config. User errors print as one paragraph and exit with status 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -40,15 +41,36 @@ TRAINER_COMMANDS = {
 
 
 class SAArgumentParser(LightningArgumentParser):
-    """Parse errors as one paragraph: what is wrong and where the options are, no usage dump."""
+    """Parse errors as one paragraph: what is wrong and where the options are, no usage dump.
+
+    Abbreviations are refused: with argparse's default, ``--model.config.n_layer 4`` silently set
+    ``n_layers`` and a typo could change an experiment without a word.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {message}\nRun `{prog} --help` for the accepted options.\n")
+        hint = _suggestions(message, parser)
+        sys.stderr.write(f"error: {message}{hint}\nRun `{prog} --help` for the accepted options.\n")
         self.exit(2)
+
+
+def _suggestions(message: str, parser: argparse.ArgumentParser) -> str:
+    """' Did you mean --x?' for each unrecognised option close to a real one (typos, abbreviations)."""
+    if not message.startswith("unrecognized arguments"):
+        return ""
+    known = [name for name in parser._option_string_actions if name.startswith("--")]
+    hints = []
+    for word in message.split(":", 1)[1].split():
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.8)
+            hints += [f"{close[0]} (not {word.split('=', 1)[0]})"] if close else []
+    return f". Did you mean {', '.join(hints)}?" if hints else ""
 
 
 class SACLI(LightningCLI):
@@ -61,10 +83,14 @@ class SACLI(LightningCLI):
             seed_everything_default=1234,
             # Step-based runs: val_check_interval counts optimizer steps across epochs, so a run whose
             # interval exceeds one epoch validates instead of failing Lightning's per-epoch check.
-            trainer_defaults={"check_val_every_n_epoch": None},
+            # Lightning's model summary prints a FLOPs column of zeros for this model (the FLOP-counting
+            # forward it needs made Dynamo skip the model); InferenceCost prints sizes and costs instead.
+            trainer_defaults={"check_val_every_n_epoch": None, "enable_model_summary": False},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "python -m sa_train"},
             parser_class=SAArgumentParser,
+            # The model builds its own AdamW and schedule: a CLI --optimizer would silently replace them.
+            auto_configure_optimizers=False,
             args=list(args) if args is not None else None,
             run=run,
         )
@@ -95,18 +121,6 @@ class SACLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-class _DataOnlyCLI(SACLI):
-    """Parses a full training config but builds only its data module: preparing needs no model."""
-
-    def instantiate_classes(self) -> None:
-        self.datamodule = TokenDataModule(**self.config["data"].as_dict())
-
-
-def prepare(argv: Sequence[str]) -> None:
-    """Tokenise the data of a training config into the shard cache ahead of ``fit``."""
-    _DataOnlyCLI(args=argv, run=False).datamodule.prepare_data()
-
-
 def plot(argv: Sequence[str]) -> None:
     """Loss curves of runs in one PNG."""
     from sa_train.tools.plot import plot_loss
@@ -129,7 +143,10 @@ def _tool(name: str) -> Callable[[Sequence[str]], None]:
 
 
 TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
-    "prepare": (prepare, "tokenise a config's data into the shard cache once (fit does it on demand)"),
+    "prepare": (
+        _tool("prepare"),
+        "tokenise a config's data into the shard cache once (fit does it on demand)",
+    ),
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
 }
@@ -152,9 +169,23 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning logs an advertisement ("💡 Tip: ... litlogger") on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def _quiet_upstream_noise() -> None:
-    """Deprecation notices Lightning 2.6 raises inside itself every run; nothing a user can act on."""
+    """Messages Lightning prints on every run that no sa_train user can act on."""
+    # Deprecation inside Lightning 2.6 itself.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Batches are slices of memmapped token shards: one of 16 x 256 tokens takes ~0.3 ms to read on this
+    # 2-core machine, so worker processes are optional (data.num_workers), not a bottleneck to warn about.
+    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTips) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_DropLightningTips())
 
 
 def _show_library_info() -> None:

@@ -1,0 +1,62 @@
+"""Callbacks of the training layer on tiny in-memory runs."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from sa_train import SAConfig
+from sa_train.callbacks import StepProgressBar, TrainingThroughput, compute_dtype, measure_matmul_flops
+from sa_train.errors import ConfigError
+from sa_train.training import CausalLM
+
+CONFIG = SAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=8, sa_groups="every:2")
+
+
+def batches(n: int) -> DataLoader:
+    tokens = torch.randint(0, 64, (2 * n, 9), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
+
+
+def test_step_progress_bar_counts_optimizer_steps_across_epochs(tmp_path):
+    bar = StepProgressBar()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[bar],
+    )
+    trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(3))  # 3 batches an epoch
+    assert trainer.current_epoch == 3 and trainer.global_step == 7
+    assert bar.train_progress_bar.total == 7 and bar.train_progress_bar.n == 7
+    assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)
+
+
+def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TrainingThroughput(window=2)],
+    )
+    trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(6))
+    logged = trainer.logged_metrics
+    assert logged["train/tokens_per_sec"] > 0 and 0 < logged["train/mfu"] < 1
+    assert logged["train/device/tokens_per_sec"] == logged["train/tokens_per_sec"]  # one device
+
+
+def test_throughput_settings_and_peaks():
+    with pytest.raises(ConfigError, match="window"):
+        TrainingThroughput(window=1)
+    assert compute_dtype("bf16-mixed") == torch.bfloat16 and compute_dtype("16-mixed") == torch.float16
+    assert compute_dtype("32-true") == torch.float32
+    assert measure_matmul_flops(size=128, repeats=2) > 1e6
