@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -73,6 +73,20 @@ def _suggestions(message: str, parser: argparse.ArgumentParser) -> str:
     return f". Did you mean {', '.join(hints)}?" if hints else ""
 
 
+class SaveConfigAfterChecks(SaveConfigCallback):
+    """Saves the resolved config into the run folder once ``fit`` has passed its pre-flight checks.
+
+    Lightning's callback writes it at setup, before the model's own checks, so a refused fit left a run
+    folder holding only ``config.yaml``. ``validate`` and ``test`` report on a run; they save no config.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Deferred to :meth:`on_fit_start`."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
 class SACLI(LightningCLI):
     """LightningCLI wired to sa_train's module and data, with atomic checkpoint writes."""
 
@@ -86,6 +100,7 @@ class SACLI(LightningCLI):
             # Lightning's model summary prints a FLOPs column of zeros for this model (the FLOP-counting
             # forward it needs made Dynamo skip the model); InferenceCost prints sizes and costs instead.
             trainer_defaults={"check_val_every_n_epoch": None, "enable_model_summary": False},
+            save_config_callback=SaveConfigAfterChecks,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "python -m sa_train"},
             parser_class=SAArgumentParser,
@@ -103,6 +118,21 @@ class SACLI(LightningCLI):
             raise ConfigError(
                 f"ckpt_path: no checkpoint file at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit, "
                 "e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
+            )
+
+    def before_validate(self) -> None:
+        self._require_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._require_checkpoint("test")
+
+    def _require_checkpoint(self, command: str) -> None:
+        """Evaluating a freshly initialised model reports a loss that means nothing (8.39 on sa-tiny)."""
+        if not self.config[command].get("ckpt_path"):
+            raise ConfigError(
+                f"{command} needs --ckpt_path: the checkpoint to evaluate, e.g. "
+                "runs/<name>/version_<N>/checkpoints/last.ckpt (without one it would report on an untrained "
+                "model)."
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
