@@ -461,9 +461,17 @@ def _dq_kernel(
     )
 
 
+def _kernels_compiled() -> bool:
+    """Triton chose the compiler (not the interpreter) when it was first imported; fixed from then on."""
+    return isinstance(_forward_kernel, triton.runtime.JITFunction)
+
+
+KERNELS_COMPILED = _kernels_compiled()
+
+
 def check_runnable(device: torch.device) -> None:
-    """Compiled kernels need CUDA; the interpreter (chosen when this module was imported) runs anywhere."""
-    if device.type != "cuda" and isinstance(_forward_kernel, triton.runtime.JITFunction):
+    """Compiled kernels need CUDA; the interpreter (chosen when triton was imported) runs anywhere."""
+    if device.type != "cuda" and KERNELS_COMPILED:
         raise RuntimeError(
             f"Triton kernels got {device.type} tensors; use CUDA tensors, or set TRITON_INTERPRET=1 "
             "before sa_train.kernels is imported to run them in the Triton interpreter"

@@ -152,6 +152,77 @@ def test_lse_carries_no_gradient() -> None:
     assert gq is not None and glse is None
 
 
+GroupFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _compile_case() -> tuple[GroupFn, list[torch.Tensor], torch.Tensor]:
+    """A group of three layers between element-wise ops, as a block would surround them."""
+
+    def group(q, k, v0, v1, v2, w):
+        out, lse = sk.anchor_attention(q, k, v0, 0.25)
+        o1 = sk.shared_attention(q, k, lse, v1, 0.25)
+        o2 = sk.shared_attention(q, k, lse, v2, 0.25)
+        return ((out + 2 * o1 + o2.sin()) * w).sum(), lse
+
+    q, k, v0 = _qkv(1, 4, 2, 19, 16, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    v1, v2 = (torch.randn(v0.shape, generator=gen) for _ in range(2))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v0, v1, v2)]
+    return group, leaves, torch.randn(1, 4, 19, 16, generator=gen)
+
+
+def _check_compiled_group(backend: str, dynamic: bool) -> None:
+    group, leaves, w = _compile_case()
+    want_loss, want_lse = group(*leaves, w)
+    want = torch.autograd.grad(want_loss, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(group, fullgraph=True, backend=backend, dynamic=dynamic)
+    loss, lse = compiled(*leaves, w)
+    assert not lse.requires_grad
+    got = torch.autograd.grad(loss, leaves)
+    torch.testing.assert_close(loss, want_loss, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, want_lse, atol=ATOL, rtol=RTOL)
+    for name, g, ref in zip(["q", "k", "v0", "v1", "v2"], got, want, strict=True):
+        torch.testing.assert_close(g, ref, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_group_has_no_graph_break_and_matches_eager(dynamic: bool) -> None:
+    """fullgraph=True fails on any graph break; aot_eager runs Dynamo and AOTAutograd (forward and
+    backward graphs through the fake implementations) and then the real operators."""
+    _check_compiled_group("aot_eager", dynamic)
+
+
+@pytest.mark.slow
+def test_compiled_group_with_inductor() -> None:
+    """Inductor on CPU (needs a C++ compiler, ~20 s) calls the operators as extern kernels."""
+    _check_compiled_group("inductor", dynamic=False)
+
+
+def _opcheck_cases() -> dict[str, tuple]:
+    q, k, v = _qkv(1, 2, 1, 5, 16, seed=7)
+    out, lse = sk.reference_anchor(q, k, v, 0.25)
+    leaf = [x.clone().requires_grad_() for x in (q, k, v)]
+    gen = torch.Generator().manual_seed(8)
+    return {
+        "anchor_forward": (*leaf, 0.25),
+        "shared_forward": (leaf[0], leaf[1], lse, leaf[2], 0.25),
+        "attention_backward": (q, k, v, out, torch.randn(out.shape, generator=gen), lse, 0.25),
+        "decode_group_partial": (
+            torch.randn(1, 2, 1, 16, generator=gen),
+            torch.randn(1, 1, 5, 16, generator=gen),
+            torch.randn(2, 1, 1, 4, 16, generator=gen),
+            0.25,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_operator_registration_passes_opcheck(name: str) -> None:
+    """Schema, fake implementation (shapes, dtypes, strides), autograd registration, AOT dispatch."""
+    torch.library.opcheck(getattr(torch.ops.sa_train, name), _opcheck_cases()[name])
+
+
 @pytest.mark.parametrize(
     ("b", "h", "hkv", "t", "d", "layers"),
     [(2, 4, 2, 17, 16, 3), (1, 2, 1, 1, 16, 2), (1, 4, 4, 33, 32, 1)],
