@@ -1,5 +1,8 @@
 """Tile sizes per kernel: tiny for the Triton interpreter (every tl.dot costs real seconds), large on GPU."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +20,25 @@ class Tiles:
     num_stages: int
 
 
+_GPU_TILES_ANYWHERE: ContextVar[bool] = ContextVar("sa_train_gpu_tiles_anywhere", default=False)
+
+
+@contextmanager
+def gpu_tiles() -> Iterator[None]:
+    """Launch with the GPU tiles whatever the device, e.g. in the Triton interpreter on CPU tensors.
+
+    Tests use it to run the exact tile shapes (and so the loop bounds and masks) a GPU runs; each
+    interpreted tl.dot then costs real time, so keep the shapes small.
+    """
+    token = _GPU_TILES_ANYWHERE.set(True)
+    try:
+        yield
+    finally:
+        _GPU_TILES_ANYWHERE.reset(token)
+
+
 def _interpreted(device: torch.device) -> bool:
-    return device.type != "cuda"
+    return device.type != "cuda" and not _GPU_TILES_ANYWHERE.get()
 
 
 # GPU tiles keep the fp32 accumulators of one program within about 128 registers per thread; the forward
