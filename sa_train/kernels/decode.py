@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor, empty, float32
 
 from .checks import check_head_dim, check_same_kind
-from .flash import LOG2E
+from .flash import LOG2E, dot_precision
 from .tiles import decode_tiles
 
 
@@ -41,6 +41,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """All query heads of one kv head, for one layer of the group (program_id(1))."""
     bkv = tl.program_id(0)
@@ -68,14 +69,14 @@ def _decode_kernel(
         v = tl.load(
             v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T - 1, other=0.0
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
         s = tl.where(offs_n[None, :] < T, s, float("-inf"))
         s_last += tl.sum(tl.where(offs_n[None, :] == T - 1, s, 0.0), 1)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     part_ptrs = PART + layer * stride_pg + b * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
     tl.store(part_ptrs, acc / l_i[:, None], mask=head_ok[:, None])
@@ -129,6 +130,7 @@ def launch_decode(q: Tensor, k_cache: Tensor, v_caches: Tensor, scale: float) ->
         HEAD_DIM=d,
         BLOCK_H=block_h,
         BLOCK_N=tiles.block_n,
+        PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
