@@ -11,7 +11,7 @@ from torch import Tensor, empty, float32
 
 from .checks import check_head_dim, check_same_kind
 from .flash import LOG2E, dot_precision
-from .tiles import decode_tiles
+from .tiles import kernel_tiles
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def launch_decode(q: Tensor, k_cache: Tensor, v_caches: Tensor, scale: float) ->
     partials = empty((g, b, h, d), device=q.device, dtype=float32)
     p_last = empty((b, h), device=q.device, dtype=float32)
     group = h // hkv
-    tiles = decode_tiles(q.device)
+    tiles = kernel_tiles(q.device, q.dtype, d).decode
     block_h = max(tiles.block_m, triton.next_power_of_2(group))
     _decode_kernel[(b * hkv, g)](
         q,

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, empty, float32
 
-from .tiles import dkdv_tiles, dq_tiles, forward_tiles
+from .tiles import kernel_tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -516,7 +516,7 @@ def attention_forward(
     shared = lse is not None
     lse_buf = lse if shared else empty((b, h, t), device=q.device, dtype=float32)
     out = empty((b, h, t, d), device=q.device, dtype=q.dtype)
-    tiles = forward_tiles(q.device, d)
+    tiles = kernel_tiles(q.device, q.dtype, d).forward
     grid = (triton.cdiv(t, tiles.block_m), b * h)
     _forward_kernel[grid](
         q,
@@ -550,7 +550,8 @@ def attention_backward(
     b, h, t, d = q.shape
     hkv = k.shape[1]
     delta = empty((b, h, t), device=q.device, dtype=float32)
-    fwd = forward_tiles(q.device, d)
+    chosen = kernel_tiles(q.device, q.dtype, d)
+    fwd = chosen.forward
     _delta_kernel[(triton.cdiv(t, fwd.block_m), b * h)](
         out,
         dout,
@@ -566,7 +567,7 @@ def attention_backward(
     dk = empty((b, hkv, t, d), device=q.device, dtype=k.dtype)
     dv = empty((b, hkv, t, d), device=q.device, dtype=v.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
-    kv_tiles = dkdv_tiles(q.device, d)
+    kv_tiles = chosen.dkdv
     _dkdv_kernel[(triton.cdiv(t, kv_tiles.block_n), b * hkv)](
         q,
         k,
@@ -590,7 +591,7 @@ def attention_backward(
         num_warps=kv_tiles.num_warps,
         num_stages=kv_tiles.num_stages,
     )
-    q_tiles = dq_tiles(q.device, d)
+    q_tiles = chosen.dq
     _dq_kernel[(triton.cdiv(t, q_tiles.block_m), b * h)](
         q,
         k,

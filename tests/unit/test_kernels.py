@@ -20,7 +20,15 @@ if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in {"1", "true", "
 pytest.importorskip("triton")
 
 import sa_train.kernels as sk
-from sa_train.kernels.tiles import gpu_tiles
+from sa_train.kernels.tiles import (
+    H200_SHARED_MEMORY,
+    KernelTiles,
+    Tiles,
+    gpu_tiles,
+    kernel_tiles,
+    select_tiles,
+    shared_memory_bytes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
@@ -200,6 +208,56 @@ def test_gpu_tiles_in_interpreter_fp16(t: int) -> None:
     tl.dot on bfloat16 returns garbage; tests/gpu covers bf16 on CUDA)."""
     with gpu_tiles():
         _group_gradients_match_reference(1, 2, 1, t, 64, 2, torch.float16, 1e-2)
+
+
+def test_shared_memory_model_reproduces_the_h200_failure() -> None:
+    """fp32, D = 128 with the bf16 forward tiles: Triton asked for 262144 bytes (limit 232448)."""
+    need = shared_memory_bytes("forward", Tiles(128, 64, 8, 3), head_dim=128, element_size=4)
+    assert need == 262144 + 4 * 128 * 64  # operand buffers as reported, plus the fp32 score tile
+    assert need > H200_SHARED_MEMORY
+
+
+def test_bf16_keeps_the_tiles_it_was_tuned_with() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        assert select_tiles(dtype, 64, H200_SHARED_MEMORY) == KernelTiles(
+            Tiles(128, 64, 4, 3), Tiles(128, 32, 4, 3), Tiles(32, 128, 4, 3), Tiles(16, 64, 4, 3)
+        )
+        assert select_tiles(dtype, 128, H200_SHARED_MEMORY) == KernelTiles(
+            Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(32, 64, 4, 3), Tiles(16, 64, 4, 3)
+        )
+
+
+@pytest.mark.parametrize("budget", [H200_SHARED_MEMORY, 166912, 101376], ids=["h200", "a100", "99KiB"])
+def test_selected_tiles_fit_the_budget(budget: int) -> None:
+    """Every (dtype, head size) gets tiles that fit and that the kernels' loops accept."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for head_dim in (16, 32, 64, 128, 256):
+            chosen = select_tiles(dtype, head_dim, budget)
+            for kernel in ("forward", "dq", "dkdv", "decode"):
+                tiles = getattr(chosen, kernel)
+                assert shared_memory_bytes(kernel, tiles, head_dim, dtype.itemsize) <= budget
+            assert chosen.forward.block_m % chosen.forward.block_n == 0
+            assert chosen.dq.block_m % chosen.dq.block_n == 0
+            assert chosen.dkdv.block_n % chosen.dkdv.block_m == 0
+
+
+def test_tiles_are_resolved_once() -> None:
+    cpu = torch.device("cpu")
+    with gpu_tiles():
+        first = kernel_tiles(cpu, torch.float32, 128)
+        assert (
+            kernel_tiles(cpu, torch.float32, 128)
+            is first
+            is select_tiles(torch.float32, 128, H200_SHARED_MEMORY)
+        )
+    assert kernel_tiles(cpu, torch.float32, 128).forward == Tiles(16, 16, 1, 1)
+
+
+def test_fp32_head_dim_128_runs_at_the_tiles_chosen_for_the_h200() -> None:
+    chosen = select_tiles(torch.float32, 128, H200_SHARED_MEMORY)
+    assert chosen.forward != select_tiles(torch.bfloat16, 128, H200_SHARED_MEMORY).forward
+    with gpu_tiles(H200_SHARED_MEMORY):
+        _group_gradients_match_reference(1, 2, 1, 65, 128, 2, torch.float32, ATOL)
 
 
 def test_lse_carries_no_gradient() -> None:
