@@ -168,12 +168,12 @@ def _group_gradients_match_reference(
         )
 
     got = grads(
-        [x.to(dtype).requires_grad_() for x in inputs],
+        [x.detach().to(dtype).requires_grad_() for x in inputs],
         lambda q_, k_, v_: sk.anchor_attention(q_, k_, v_, scale),
         lambda q_, k_, lse, v_: sk.shared_attention(q_, k_, lse, v_, scale),
     )
     want = grads(
-        [x.to(dtype).float().requires_grad_() for x in inputs],
+        [x.detach().to(dtype).float().requires_grad_() for x in inputs],
         lambda q_, k_, v_: sk.reference_anchor(q_, k_, v_, scale),
         lambda q_, k_, lse, v_: sk.reference_shared(q_, k_, lse, v_, scale),
     )
