@@ -431,3 +431,14 @@ def test_kernel_benchmark_without_cuda_says_so_and_measures_nothing() -> None:
     assert result.returncode == 0, result.stderr
     assert "no CUDA device, nothing measured" in result.stdout
     assert "TFLOP" not in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
+def test_training_benchmark_without_cuda_says_so_and_measures_nothing() -> None:
+    script = REPO_ROOT / "scripts" / "bench_gpu_training.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=_subprocess_env(), check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA device, nothing measured" in result.stdout
+    assert "tokens/s" not in result.stdout
