@@ -188,7 +188,7 @@ GPU_TILE_SEQ_LENS = [1, 2, 17, 63, 65, 130]
 
 
 @pytest.mark.parametrize("t", GPU_TILE_SEQ_LENS)
-@pytest.mark.parametrize("d", [64, pytest.param(128, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("d", [64, 128])
 def test_gpu_tiles_in_interpreter(t: int, d: int) -> None:
     """The GPU tile shapes (128-row query tiles, 32-row dk/dv query tiles, ...) run in the interpreter.
 
@@ -204,8 +204,9 @@ def test_gpu_tiles_in_interpreter(t: int, d: int) -> None:
 
 @pytest.mark.parametrize("t", [1, 65])
 def test_gpu_tiles_in_interpreter_fp16(t: int) -> None:
-    """Half precision at the GPU tiles (bf16 cannot be checked here: the Triton 3.9 interpreter's
-    tl.dot on bfloat16 returns garbage; tests/gpu covers bf16 on CUDA)."""
+    """Half precision at the GPU tiles. bf16 cannot be checked here: the interpreter keeps bfloat16 as
+    uint16 and its tl.dot multiplies the bit patterns (triton-lang/triton#11584, unsupported upstream);
+    tests/gpu covers bf16 on CUDA."""
     with gpu_tiles():
         _group_gradients_match_reference(1, 2, 1, t, 64, 2, torch.float16, 1e-2)
 
