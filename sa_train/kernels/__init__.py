@@ -1,7 +1,9 @@
 """Triton kernels for Shared Attention: anchor and shared flash attention, and grouped one-token decode.
 
-Importing never needs triton; without it the kernel entry points raise RuntimeError and
-``is_available()`` is False, while the PyTorch references and ``decode_finish`` keep working.
+With triton, importing registers the kernels as PyTorch operators (``torch.ops.sa_train.*``, see
+``ops``) so that ``torch.compile`` traces through them. Importing never needs triton; without it the
+kernel entry points raise RuntimeError and ``is_available()`` is False, while the PyTorch references
+and ``decode_finish`` keep working.
 """
 
 import os
@@ -21,8 +23,7 @@ else:
     _HAS_TRITON = True
 
 if _HAS_TRITON:
-    from .autograd import anchor_attention, shared_attention
-    from .decode import decode_group_partial
+    from .ops import anchor_attention, decode_group_partial, shared_attention
 else:
 
     def _missing(name: str) -> Callable[..., Any]:

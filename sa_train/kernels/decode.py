@@ -10,8 +10,8 @@ import triton.language as tl
 from torch import Tensor, empty, float32
 
 from .checks import check_head_dim, check_same_kind
-from .flash import LOG2E, check_runnable
-from .tiles import decode_tiles
+from .flash import LOG2E, dot_precision
+from .tiles import kernel_tiles
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """All query heads of one kv head, for one layer of the group (program_id(1))."""
     bkv = tl.program_id(0)
@@ -68,14 +69,14 @@ def _decode_kernel(
         v = tl.load(
             v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T - 1, other=0.0
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
         s = tl.where(offs_n[None, :] < T, s, float("-inf"))
         s_last += tl.sum(tl.where(offs_n[None, :] == T - 1, s, 0.0), 1)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     part_ptrs = PART + layer * stride_pg + b * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
     tl.store(part_ptrs, acc / l_i[:, None], mask=head_ok[:, None])
@@ -83,29 +84,32 @@ def _decode_kernel(
         tl.store(PLAST + b * H + heads, tl.math.exp2(s_last - m_i) / l_i, mask=head_ok)
 
 
-def decode_group_partial(q: Tensor, k_cache: Tensor, v_caches: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Per-layer partial outputs over past values, and the new token's own attention weight.
-
-    q (B, H, 1, D); k_cache (B, Hkv, T, D) including the new token at T-1; v_caches (G, B, Hkv, T-1, D).
-    Returns (partials (G, B, H, D) fp32, p_last (B, H) fp32).
-    """
+def check_decode_inputs(q: Tensor, k_cache: Tensor, v_caches: Tensor) -> None:
+    """q (B, H, 1, D); k_cache (B, Hkv, T, D) with the new token at T-1; v_caches (G, B, Hkv, T-1, D)."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be (B, H, 1, D), got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_caches.dim() != 5:
+        raise ValueError("k_cache must be 4-D (B, Hkv, T, D) and v_caches 5-D (G, B, Hkv, T-1, D)")
     b, h, _, d = q.shape
     _, hkv, t, _ = k_cache.shape
-    g = v_caches.shape[0]
     if k_cache.shape[0] != b or k_cache.shape[3] != d or h % hkv:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
     if tuple(v_caches.shape[1:]) != (b, hkv, t - 1, d):
         raise ValueError(f"v_caches must be (G, {b}, {hkv}, {t - 1}, {d}), got {tuple(v_caches.shape)}")
     check_head_dim(d)
     check_same_kind(q, k_cache, v_caches)
-    check_runnable(q.device)
+
+
+def launch_decode(q: Tensor, k_cache: Tensor, v_caches: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Run the decode kernel on checked inputs: (partials (G, B, H, D) fp32, p_last (B, H) fp32)."""
+    b, h, _, d = q.shape
+    hkv, t = k_cache.shape[1], k_cache.shape[2]
+    g = v_caches.shape[0]
     q, k_cache, v_caches = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_caches))
     partials = empty((g, b, h, d), device=q.device, dtype=float32)
     p_last = empty((b, h), device=q.device, dtype=float32)
     group = h // hkv
-    tiles = decode_tiles(q.device)
+    tiles = kernel_tiles(q.device, q.dtype, d).decode
     block_h = max(tiles.block_m, triton.next_power_of_2(group))
     _decode_kernel[(b * hkv, g)](
         q,
@@ -126,6 +130,7 @@ def decode_group_partial(q: Tensor, k_cache: Tensor, v_caches: Tensor, scale: fl
         HEAD_DIM=d,
         BLOCK_H=block_h,
         BLOCK_N=tiles.block_n,
+        PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, empty, float32
 
-from .tiles import dkdv_tiles, dq_tiles, forward_tiles
+from .tiles import kernel_tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -35,24 +35,25 @@ def _forward_tile(
     BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,
     SHARED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Fold one key tile into the accumulator; scores are in log2 units so exp2 can be used."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_seq = offs_n[:, None] < T
     k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
     if MASK:
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
     if SHARED:
         p = tl.math.exp2(s - lse2[:, None])
-        acc += tl.dot(p.to(v.dtype), v)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -84,6 +85,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SHARED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One query tile of one (batch, head). SHARED reads lse; otherwise it writes it."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -125,6 +127,7 @@ def _forward_kernel(
             BLOCK_N,
             False,
             SHARED,
+            PRECISION,
         )
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         acc, m_i, l_i = _forward_tile(
@@ -145,6 +148,7 @@ def _forward_kernel(
             BLOCK_N,
             True,
             SHARED,
+            PRECISION,
         )
     if not SHARED:
         acc = acc / l_i[:, None]
@@ -209,6 +213,7 @@ def _dkdv_tile(
     start_m,
     BLOCK_M: tl.constexpr,
     MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Add one query tile's contribution to dk and dv, working in the transposed (key-major) frame."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -217,12 +222,12 @@ def _dkdv_tile(
     do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale2 - lse2[None, :])
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2 - lse2[None, :])
     if MASK:
         p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do)
-    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -257,6 +262,7 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key tile of one kv head; loops over that kv head's query heads so GQA needs no atomics."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -297,6 +303,7 @@ def _dkdv_kernel(
                 start_m,
                 BLOCK_M,
                 True,
+                PRECISION,
             )
         for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
             dk, dv = _dkdv_tile(
@@ -317,6 +324,7 @@ def _dkdv_kernel(
                 start_m,
                 BLOCK_M,
                 False,
+                PRECISION,
             )
     tl.store(
         DK + bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
@@ -348,17 +356,18 @@ def _dq_tile(
     start_n,
     BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Add one key tile's contribution to dq."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_seq = offs_n[:, None] < T
     k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale2 - lse2[:, None])
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2 - lse2[:, None])
     if MASK:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
@@ -391,6 +400,7 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One query tile of one (batch, head) streaming over the keys it can see."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -434,6 +444,7 @@ def _dq_kernel(
             start_n,
             BLOCK_N,
             False,
+            PRECISION,
         )
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         dq = _dq_tile(
@@ -453,6 +464,7 @@ def _dq_kernel(
             start_n,
             BLOCK_N,
             True,
+            PRECISION,
         )
     tl.store(
         DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -461,13 +473,32 @@ def _dq_kernel(
     )
 
 
+def _kernels_compiled() -> bool:
+    """Triton chose the compiler (not the interpreter) when it was first imported; fixed from then on."""
+    return isinstance(_forward_kernel, triton.runtime.JITFunction)
+
+
+KERNELS_COMPILED = _kernels_compiled()
+
+
 def check_runnable(device: torch.device) -> None:
-    """Compiled kernels need CUDA; the interpreter (chosen when this module was imported) runs anywhere."""
-    if device.type != "cuda" and isinstance(_forward_kernel, triton.runtime.JITFunction):
+    """Compiled kernels need CUDA; the interpreter (chosen when triton was imported) runs anywhere."""
+    if device.type != "cuda" and KERNELS_COMPILED:
         raise RuntimeError(
             f"Triton kernels got {device.type} tensors; use CUDA tensors, or set TRITON_INTERPRET=1 "
             "before sa_train.kernels is imported to run them in the Triton interpreter"
         )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 operands follow torch's float32 matmul precision, as torch.matmul does.
+
+    'highest' (torch's default) keeps IEEE fp32 products; 'high' or 'medium' allow TF32, which rounds the
+    operands to 10 mantissa bits (relative errors near 1e-3). Half-precision operands ignore it.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -485,7 +516,7 @@ def attention_forward(
     shared = lse is not None
     lse_buf = lse if shared else empty((b, h, t), device=q.device, dtype=float32)
     out = empty((b, h, t, d), device=q.device, dtype=q.dtype)
-    tiles = forward_tiles(q.device, d)
+    tiles = kernel_tiles(q.device, q.dtype, d).forward
     grid = (triton.cdiv(t, tiles.block_m), b * h)
     _forward_kernel[grid](
         q,
@@ -505,6 +536,7 @@ def attention_forward(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         SHARED=shared,
+        PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
@@ -518,7 +550,8 @@ def attention_backward(
     b, h, t, d = q.shape
     hkv = k.shape[1]
     delta = empty((b, h, t), device=q.device, dtype=float32)
-    fwd = forward_tiles(q.device, d)
+    chosen = kernel_tiles(q.device, q.dtype, d)
+    fwd = chosen.forward
     _delta_kernel[(triton.cdiv(t, fwd.block_m), b * h)](
         out,
         dout,
@@ -534,7 +567,7 @@ def attention_backward(
     dk = empty((b, hkv, t, d), device=q.device, dtype=k.dtype)
     dv = empty((b, hkv, t, d), device=q.device, dtype=v.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
-    kv_tiles = dkdv_tiles(q.device, d)
+    kv_tiles = chosen.dkdv
     _dkdv_kernel[(triton.cdiv(t, kv_tiles.block_n), b * hkv)](
         q,
         k,
@@ -554,10 +587,11 @@ def attention_backward(
         HEAD_DIM=d,
         BLOCK_M=kv_tiles.block_m,
         BLOCK_N=kv_tiles.block_n,
+        PRECISION=dot_precision(q.dtype),
         num_warps=kv_tiles.num_warps,
         num_stages=kv_tiles.num_stages,
     )
-    q_tiles = dq_tiles(q.device, d)
+    q_tiles = chosen.dq
     _dq_kernel[(triton.cdiv(t, q_tiles.block_m), b * h)](
         q,
         k,
@@ -575,6 +609,7 @@ def attention_backward(
         HEAD_DIM=d,
         BLOCK_M=q_tiles.block_m,
         BLOCK_N=q_tiles.block_n,
+        PRECISION=dot_precision(q.dtype),
         num_warps=q_tiles.num_warps,
         num_stages=q_tiles.num_stages,
     )
