@@ -28,7 +28,7 @@ from sa_train.callbacks import LastStepCheckpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.data import TokenDataModule
 from sa_train.errors import ConfigError, SATrainError
-from sa_train.training import CausalLM
+from sa_train.training import CausalLM, check_data_fits_model
 
 # Values of ckpt_path that Lightning resolves itself rather than reading as a path.
 LIGHTNING_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
@@ -119,6 +119,10 @@ class SACLI(LightningCLI):
                 f"ckpt_path: no checkpoint file at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit, "
                 "e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
             )
+
+    def before_fit(self) -> None:
+        """Model-vs-data checks before Lightning creates the run folder (a refused fit leaves none)."""
+        check_data_fits_model(self.model.config, self.datamodule)
 
     def before_validate(self) -> None:
         self._require_checkpoint("validate")

@@ -87,6 +87,22 @@ def _check_optimizer_settings(
         raise ConfigError("; ".join(problems) + ".")
 
 
+def check_data_fits_model(config: SAConfig, datamodule: Any) -> None:
+    """The data's sequence length and vocabulary must fit the model's (model.config states its own)."""
+    seq_len = getattr(datamodule, "seq_len", None)
+    if seq_len is not None and seq_len > config.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds model.config.max_seq_len={config.max_seq_len}; lower "
+            "data.seq_len or raise max_seq_len."
+        )
+    vocab = getattr(datamodule, "expected_vocab_size", None)
+    if vocab is not None and vocab > config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab} tokens but model.config.vocab_size={config.vocab_size}; set "
+            f"model.config.vocab_size to at least {vocab} (or use a smaller data.vocab_size / tokenizer)."
+        )
+
+
 class NonFiniteLossError(SATrainError):
     """Training produced a NaN or infinite loss or gradient norm."""
 
@@ -138,28 +154,13 @@ class CausalLM(L.LightningModule):
         # after which Dynamo silently skips the model for good (compile had no effect through the CLI).
 
     def setup(self, stage: str) -> None:
-        self._check_data_fits_model()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            check_data_fits_model(self.config, datamodule)
         if self.hparams["compile"]:
             # The loss is compiled with the model: Inductor fuses the fp32 upcast of the logits into the
             # cross-entropy instead of materialising a (batch, seq, vocab) fp32 copy.
             self._loss_fn = torch.compile(self._logits_loss)
-
-    def _check_data_fits_model(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return
-        seq_len = getattr(datamodule, "seq_len", None)
-        if seq_len is not None and seq_len > self.config.max_seq_len:
-            raise ConfigError(
-                f"data.seq_len={seq_len} exceeds model.config.max_seq_len={self.config.max_seq_len}; lower "
-                "data.seq_len or raise max_seq_len."
-            )
-        vocab = getattr(datamodule, "tokenizer_vocab_size", None)
-        if vocab is not None and vocab > self.config.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {vocab} tokens but model.config.vocab_size={self.config.vocab_size}; set "
-                f"model.config.vocab_size to at least {vocab} (or use a smaller data.vocab_size / tokenizer)."
-            )
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)

@@ -10,6 +10,7 @@ from sa_train.data.dataset import PackedTokenDataset
 from sa_train.data.loader import EpochBatchSampler, ResumableLoader
 from sa_train.data.shards import CorpusSpec, ShardCache, ensure_cache
 from sa_train.data.sources import check_val_fraction
+from sa_train.data.tokenizer import check_tokenizer_path, load_tokenizer
 from sa_train.errors import DataError
 
 DEFAULT_SOURCE = "data/open-shakespeare-milton.jsonl.gz"
@@ -172,6 +173,16 @@ class TokenDataModule(L.LightningDataModule):
     def tokenizer_vocab_size(self) -> int:
         """Vocabulary size including special tokens: the model's embedding size."""
         return self.cache.vocab_size
+
+    @property
+    def expected_vocab_size(self) -> int:
+        """The vocabulary the model must embed, known before the cache exists: a given tokenizer's size,
+        or ``vocab_size`` for the BPE trained here (training never produces more tokens than asked)."""
+        if self._cache is not None:
+            return self._cache.vocab_size
+        if self.spec.tokenizer is not None:
+            return load_tokenizer(check_tokenizer_path(self.spec.tokenizer)).get_vocab_size()
+        return self.spec.vocab_size
 
     @property
     def eos_token_id(self) -> int:

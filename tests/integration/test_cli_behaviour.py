@@ -1,0 +1,52 @@
+"""The command line a user can trust: typos refused with a suggestion, no silent options, tidy folders."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli import run_cli, tiny_run_config
+
+from sa_train.cli import main
+
+
+@pytest.mark.parametrize(
+    ("option", "meant"),
+    [
+        ("--model.config.n_layer=2", "--model.config.n_layers"),
+        ("--trainer.max_step=2", "--trainer.max_steps"),
+    ],
+)
+def test_abbreviated_or_misspelt_options_are_refused_with_a_suggestion(
+    tmp_path, small_corpus, capsys, option, meant
+):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(["fit", "--config", str(config), option, "--print_config"], capsys)
+    assert code == 2
+    assert f"Did you mean {meant}" in err and "Traceback" not in err
+
+
+def test_no_optimizer_option_can_replace_the_models_own(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(["fit", "--config", str(config), "--optimizer=AdamW", "--print_config"], capsys)
+    assert code == 2 and "--optimizer" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_evaluating_without_a_checkpoint_is_refused(tmp_path, small_corpus, capsys, command):
+    code, _, err = run_cli([command, "--config", str(tiny_run_config(tmp_path, small_corpus))], capsys)
+    assert code == 2 and f"{command} needs --ckpt_path" in err
+
+
+def test_a_refused_fit_leaves_no_run_folder(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(["fit", "--config", str(config), "--model.config.vocab_size=300"], capsys)
+    assert code == 2 and "model.config.vocab_size to at least 512" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_prepare_help_lists_the_data_options_only(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--data.source" in out and "--trainer.max_steps" not in out
+    assert len(out.splitlines()) < 120
