@@ -240,17 +240,6 @@ def test_last_checkpoint_holds_the_final_step_between_save_intervals(tmp_path, s
 
 
 @pytest.mark.slow
-def test_compiled_training_writes_plain_checkpoints(tmp_path, small_corpus, capsys):
-    config = tiny_run_config(tmp_path, small_corpus)
-    code, _, err = run_cli(
-        ["fit", "--config", str(config), "--trainer.max_steps=3", "--model.compile=true"], capsys
-    )
-    assert code == 0, err
-    model = SAModel.from_checkpoint(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
-    assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
-
-
-@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, small_corpus):
     """Two gloo ranks: each reads its own shard of every epoch, tokens are counted across ranks."""
     config = tiny_run_config(tmp_path, small_corpus)

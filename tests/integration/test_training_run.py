@@ -39,6 +39,7 @@ def test_bf16_mixed_fit_with_clipping_trains(tmp_path, small_corpus, capsys):
 
 @pytest.mark.slow
 def test_compile_through_the_cli_runs_compiled_code(tmp_path, small_corpus, capsys):
+    torch._dynamo.reset()  # an earlier compile of the same step in this process would be reused silently
     counters.clear()
     config = tiny_run_config(tmp_path, small_corpus)
     args = ["--trainer.max_steps=3", "--model.compile=true", "--trainer.val_check_interval=3"]
