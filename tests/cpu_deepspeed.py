@@ -1,0 +1,73 @@
+"""Test-only: Lightning's DeepSpeedStrategy on CPU processes, and a callback that records the global loss.
+
+Lightning's strategy refuses any accelerator but CUDA, yet DeepSpeed itself trains on CPU with its CPU
+accelerator (``DS_ACCELERATOR=cpu``) over gloo, with a plain torch optimizer so no op gets compiled
+(measured: ZeRO 1/2/3 with 2 tiny-model processes in ~10 s each). Three spots of Lightning's strategy
+assume CUDA; :class:`CPUDeepSpeedStrategy` replaces just those. It lives in tests/ because nobody should
+train a real model this way: it exists so the DeepSpeed path of sa_train runs for real in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+# DeepSpeed picks its accelerator when first imported; without a GPU it must be told to use the CPU.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed.ops
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeedStrategy for ``accelerator="cpu"`` (gloo is chosen for CPU devices by Lightning itself)."""
+
+    def setup_environment(self) -> None:
+        # Skips DeepSpeedStrategy's CUDA-only check; the DDP set-up underneath is device-agnostic.
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        # DeepSpeed would compile its shared-memory all-reduce with g++ on first use (~40 s per fresh
+        # machine); torch's gloo all-reduce does the same job for two tiny processes.
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+        # Lightning checks that CUDA device indices equal local ranks; CPU devices carry no index.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        # deepspeed.initialize takes the device rank from this device's index (None for plain "cpu").
+        # torch places tensors for "cpu:N" on the one CPU device.
+        return torch.device("cpu", self.local_rank)
+
+
+class GlobalLossRecorder(Callback):
+    """Writes the training loss of every batch, averaged over all ranks, to a JSON list.
+
+    Each rank logs only its own micro-batch loss; the mean over ranks is the loss of the global batch, which
+    a single process with ``world_size`` times the batch size computes on the same samples.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.losses: list[float] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = trainer.strategy.reduce(trainer.callback_metrics["train/loss"].clone(), reduce_op="mean")
+        self.losses.append(float(loss))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.losses))
