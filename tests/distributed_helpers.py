@@ -1,4 +1,5 @@
-"""Test-only: Lightning's DeepSpeedStrategy on CPU processes, and a callback that records the global loss.
+"""Test-only Lightning pieces for the distributed tests: DeepSpeed on CPU, and callbacks that record what
+a multi-process run did (global loss, cluster environment) or stop it as a preemption would.
 
 Lightning's strategy refuses any accelerator but CUDA, yet DeepSpeed itself trains on CPU with its CPU
 accelerator (``DS_ACCELERATOR=cpu``) over gloo, with a plain torch optimizer so no op gets compiled
@@ -23,9 +24,6 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 # DeepSpeed picks its accelerator when first imported; without a GPU it must be told to use the CPU.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed.ops
-from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeedStrategy for ``accelerator="cpu"`` (gloo is chosen for CPU devices by Lightning itself)."""
@@ -37,6 +35,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def setup_distributed(self) -> None:
         # DeepSpeed would compile its shared-memory all-reduce with g++ on first use (~40 s per fresh
         # machine); torch's gloo all-reduce does the same job for two tiny processes.
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
         # Lightning checks that CUDA device indices equal local ranks; CPU devices carry no index.
         reset_seed()
@@ -71,3 +72,17 @@ class GlobalLossRecorder(Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.losses))
+
+
+class StopAtStep(Callback):
+    """Stops training after optimizer step ``step``, as a preempted job would, leaving ``max_steps`` (and so
+    the learning-rate schedule) as it was. Checkpoint callbacks then write ``last`` at that step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
