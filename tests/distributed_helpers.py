@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,49 @@ class StopAtStep(Callback):
     ) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class ClusterReport(Callback):
+    """Each rank writes ``<folder>/rank<N>.json``: the cluster environment Lightning detected, the world it
+    joined, and the Slurm node it ran on."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = {
+            "environment": type(trainer.strategy.cluster_environment).__name__,
+            "world_size": trainer.world_size,
+            "global_rank": trainer.global_rank,
+            "node_rank": trainer.node_rank,
+            "num_nodes": trainer.num_nodes,
+            "slurm_node": os.environ.get("SLURMD_NODENAME"),
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+class PauseForPreemption(Callback):
+    """On a Slurm job's first run, holds every rank after optimizer step ``step`` for up to ``seconds``.
+
+    A real training step takes seconds, the tiny test model's milliseconds: without the pause the job could
+    finish before the test's SIGUSR1 arrives. Each rank touches ``<marker>.<rank>`` when it starts waiting,
+    which tells the test when to signal. Lightning's handler runs during the wait, saves the checkpoint and
+    requeues the job; Slurm then kills it. A requeued run (SLURM_RESTART_COUNT > 0) does not pause.
+    """
+
+    def __init__(self, step: int, marker: str, seconds: float = 120.0) -> None:
+        self.step = step
+        self.marker = marker
+        self.seconds = seconds
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != self.step or os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+            return
+        Path(f"{self.marker}.{trainer.global_rank}").touch()
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
