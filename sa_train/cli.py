@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -166,8 +167,12 @@ def usage() -> str:
 
 
 def _quiet_upstream_noise() -> None:
-    """Deprecation notices Lightning 2.6 raises inside itself every run; nothing a user can act on."""
+    """Deprecation notices Lightning 2.6 raises inside itself every run; nothing a user can act on. And
+    DeepSpeed, imported while parsing a config that names its strategy, prints a warning on stdout (which
+    corrupts --print_config) when it finds no GPU, unless told it runs on the CPU."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _show_library_info() -> None:

@@ -68,6 +68,8 @@ class LocalSlurm:
         )  # fmt: skip
         self.pid_files.append(munge / "munged.pid")
         self.conf.write_text(self._config())
+        for folder in ("state", *(f"spool/{node}" for node in self.nodes)):
+            (self.folder / folder).mkdir(parents=True, exist_ok=True)
         self.run(_daemon("slurmctld"), "-i")
         self.pid_files.append(self.folder / "slurmctld.pid")
         for node in self.nodes:
