@@ -93,7 +93,10 @@ class SACLI(LightningCLI):
             isinstance(callback, ModelCheckpoint) for callback in callbacks
         ):
             kwargs["callbacks"] = [*callbacks, LastStepCheckpoint(save_last=True)]
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as error:  # Lightning's answer to an unknown strategy or accelerator name
+            raise ConfigError(f"trainer: {error}") from error
         strategy = trainer.strategy
         if (
             isinstance(strategy, DeepSpeedStrategy)

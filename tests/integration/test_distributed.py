@@ -21,7 +21,8 @@ from test_cli import small_corpus, tiny_run_config  # noqa: F401 (small_corpus: 
 
 from sa_train import SAModel
 from sa_train.checkpoint import read_checkpoint
-from sa_train.cli import main
+from sa_train.checkpoint_io import AtomicCheckpointIO
+from sa_train.cli import SACLI, main
 
 pytest.importorskip("deepspeed")
 
@@ -213,3 +214,46 @@ def test_resume_with_gradient_accumulation_from_last_and_mid_epoch_is_bitwise(
     # Two micro-batches per step, and the second half of the run sees the second half of the batches.
     assert len(losses(full / "losses.json")) == 2 * STEPS
     assert losses(stopped / "losses.json") == losses(full / "losses.json")[STEPS:]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["--trainer.strategy=deepspeed"],
+        ["--trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy", "--trainer.strategy.stage=3"],
+    ],
+)
+def test_deepspeed_without_cuda_is_one_clear_error(
+    tmp_path,
+    small_corpus,  # noqa: F811
+    capsys,
+    strategy,
+):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = tiny_run_config(tmp_path, small_corpus)
+    assert main(["fit", "--config", str(config), *strategy]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.strategy" in err and "only on CUDA GPUs" in err and "ddp" in err, err
+    assert "Traceback" not in err
+
+
+def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
+    config = tiny_run_config(tmp_path, small_corpus)
+    assert main(["fit", "--config", str(config), "--trainer.strategy=deepspeed_stage_9"]) == 2
+    err = capsys.readouterr().err
+    assert "error: trainer: You selected an invalid strategy name" in err and "Traceback" not in err, err
+
+
+def test_cli_writes_atomically_except_under_deepspeed(tmp_path, small_corpus):  # noqa: F811
+    """DeepSpeed saves its own folders and never calls a CheckpointIO; other strategies get the atomic one."""
+    config = ["--config", str(tiny_run_config(tmp_path, small_corpus))]
+    cpu_deepspeed = [
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        "--trainer.strategy.stage=1",
+    ]
+    deepspeed = SACLI([*config, *cpu_deepspeed], run=False)
+    assert not isinstance(deepspeed.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert deepspeed.trainer.strategy.config["train_micro_batch_size_per_gpu"] == 8  # data.batch_size
+    ddp = SACLI([*config, "--trainer.strategy=ddp", "--trainer.devices=2"], run=False)
+    assert isinstance(ddp.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

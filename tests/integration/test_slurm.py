@@ -18,6 +18,8 @@ import torch
 from local_slurm import LocalSlurm, missing_tools
 from test_cli import small_corpus, tiny_run_config  # noqa: F401 (small_corpus: a fixture)
 
+from sa_train.cli import main
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(bool(missing_tools()), reason=f"no local Slurm: missing {', '.join(missing_tools())}"),
@@ -43,6 +45,9 @@ def slurm():
 def submit(slurm: LocalSlurm, tmp_path: Path, corpus: Path, template: str, sbatch: list[str], fit: list[str]):
     """Submit a template with a tiny CPU config; returns the job id and the run's folders."""
     config = tiny_run_config(tmp_path, corpus)
+    # As docs/distributed.md says: tokenise once before a job, or the first task of every node would do it
+    # (Lightning's prepare_data runs per node), all into the one shared cache at the same time.
+    assert main(["prepare", "--config", str(config)]) == 0
     run = tmp_path / "run"
     env = {
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
