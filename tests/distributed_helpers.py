@@ -90,8 +90,8 @@ class StopAtStep(Callback):
 
 
 class ClusterReport(Callback):
-    """Each rank writes ``<folder>/rank<N>.json``: the cluster environment Lightning detected, the world it
-    joined, and the Slurm node it ran on."""
+    """Each rank writes ``<folder>/restart<R>-rank<N>.json`` (R: the Slurm restart count): the cluster
+    environment Lightning detected, the world it joined, and the Slurm node it ran on."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
@@ -107,7 +107,8 @@ class ClusterReport(Callback):
             "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        name = f"restart{report['restart_count']}-rank{trainer.global_rank}.json"
+        (self.folder / name).write_text(json.dumps(report))
 
 
 class PauseForPreemption(Callback):

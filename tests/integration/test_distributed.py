@@ -23,6 +23,7 @@ from sa_train import SAModel
 from sa_train.checkpoint import read_checkpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.cli import SACLI, main
+from sa_train.errors import CheckpointError
 
 pytest.importorskip("deepspeed")
 
@@ -145,6 +146,10 @@ def test_deepspeed_zero_on_two_cpu_processes_resumes_and_matches_one_process(
     model = SAModel.from_checkpoint(single_file)
     assert_weights_close(model.state_dict(), SAModel.from_checkpoint(final).state_dict(), 0)
     assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
+
+    (final / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="incomplete or damaged"):
+        read_checkpoint(final)
 
 
 def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:

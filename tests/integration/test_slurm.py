@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,12 +35,14 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 @pytest.fixture(scope="module")
 def slurm():
     # Not under pytest's tmp_path: munged refuses a socket below a folder that others cannot search.
-    cluster = LocalSlurm(Path(tempfile.mkdtemp(prefix="sa-slurm-")))
+    folder = Path(tempfile.mkdtemp(prefix="sa-slurm-"))
+    cluster = LocalSlurm(folder)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def submit(slurm: LocalSlurm, tmp_path: Path, corpus: Path, template: str, sbatch: list[str], fit: list[str]):
@@ -82,20 +85,9 @@ def job_output(tmp_path: Path, job_id: str) -> str:
     return (tmp_path / f"job-{job_id}.out").read_text(errors="replace")
 
 
-def reports(run: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted((run / "report").glob("rank*.json"))]
-
-
-def test_slurm_single_node_two_tasks(slurm, tmp_path, small_corpus):  # noqa: F811
-    steps = ["--trainer.max_steps=3"]
-    job_id, run = submit(slurm, tmp_path, small_corpus, "single-node.sbatch", ["--ntasks-per-node=2"], steps)
-    info = slurm.wait_for_state(job_id, ENDED, JOB_TIMEOUT)
-    assert info["JobState"] == "COMPLETED", job_output(tmp_path, job_id)[-4000:]
-    seen = reports(run)
-    assert [r["global_rank"] for r in seen] == [0, 1]
-    assert all(r["environment"] == "SLURMEnvironment" and r["world_size"] == 2 for r in seen), seen
-    assert {r["slurm_node"] for r in seen} == {info["NodeList"]} and {r["num_nodes"] for r in seen} == {1}
-    assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+def reports(run: Path, restart: int = 0) -> list[dict]:
+    paths = sorted((run / "report").glob(f"restart{restart}-*.json"))
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def test_slurm_two_nodes_one_task_each(slurm, tmp_path, small_corpus):  # noqa: F811
@@ -116,7 +108,13 @@ def test_slurm_two_nodes_one_task_each(slurm, tmp_path, small_corpus):  # noqa: 
     assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-def test_slurm_sigusr1_checkpoints_requeues_and_resumes(slurm, tmp_path, small_corpus):  # noqa: F811
+def test_slurm_single_node_two_tasks_checkpoints_requeues_and_resumes_on_sigusr1(
+    slurm,
+    tmp_path,
+    small_corpus,  # noqa: F811
+):
+    """Two tasks on one node; SIGUSR1 after step 3 of 6 (as 90 s before the time limit): Lightning saves
+    hpc_ckpt_1.ckpt and requeues the job, whose second run restores it and completes."""
     marker = tmp_path / "paused"
     job_id, run = submit(
         slurm,
@@ -133,6 +131,10 @@ def test_slurm_sigusr1_checkpoints_requeues_and_resumes(slurm, tmp_path, small_c
     )
     paused = [Path(f"{marker}.{rank}") for rank in (0, 1)]
     slurm.wait_until(lambda: all(p.exists() for p in paused), JOB_TIMEOUT, "both ranks to pause at step 3")
+    first = reports(run, restart=0)
+    assert [(r["global_rank"], r["world_size"], r["num_nodes"]) for r in first] == [(0, 2, 1), (1, 2, 1)]
+    assert all(r["environment"] == "SLURMEnvironment" for r in first), first
+    assert len({r["slurm_node"] for r in first}) == 1
     slurm.run("scancel", "--signal=USR1", job_id)
     # Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue`; Slurm holds a requeued job for a while
     # (reason BeginTime), so release it at once.
@@ -145,6 +147,9 @@ def test_slurm_sigusr1_checkpoints_requeues_and_resumes(slurm, tmp_path, small_c
     assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
     assert "restart 0" in output and "restart 1" in output
     assert "Restored all states from the checkpoint" in output
-    seen = reports(run)  # rewritten by the requeued run
-    assert all(r["restart_count"] == 1 and r["environment"] == "SLURMEnvironment" for r in seen), seen
+    second = reports(run, restart=1)
+    assert [(r["global_rank"], r["world_size"], r["environment"]) for r in second] == [
+        (0, 2, "SLURMEnvironment"),
+        (1, 2, "SLURMEnvironment"),
+    ]
     assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
