@@ -9,6 +9,7 @@ tiny test model for a few steps takes ~15-40 s, most of it Python start-up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -122,17 +123,19 @@ class LocalSlurm:
         )
 
     def stop(self) -> None:
-        """Cancel every job, then stop the daemons this cluster started, by their pid files."""
-        if self.conf.exists():
+        """Cancel every job, then stop the daemons this cluster started, by their pid files: the Slurm
+        daemons together, munged (which they authenticate with) after them."""
+        if not self.pid_files:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.run("scancel", "--full", "--user=root", check=False)
-        for pid_file in reversed(self.pid_files):
-            if pid_file.is_file():
-                pid = int(pid_file.read_text().split()[0])
-                try:
+        munged, *slurm = self.pid_files
+        for group in (slurm, [munged]):
+            pids = [int(f.read_text().split()[0]) for f in group if f.is_file()]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                self.wait_until(lambda pid=pid: not _alive(pid), 30, f"{pid_file.name} to stop")
+            self.wait_until(lambda pids=pids: not any(map(_alive, pids)), 30, "the daemons to stop")
 
     def sbatch(self, *args: str, env: dict[str, str] | None = None) -> str:
         """Submit a batch script; returns the job id."""
