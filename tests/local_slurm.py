@@ -33,7 +33,7 @@ def missing_tools() -> list[str]:
     return missing
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +80,7 @@ class LocalSlurm:
 
     def _config(self) -> str:
         host = socket.gethostname().split(".")[0]
-        ports = [_free_port() for _ in range(len(self.nodes) + 1)]
+        ports = [free_port() for _ in range(len(self.nodes) + 1)]
         f = self.folder
         return "\n".join(
             [

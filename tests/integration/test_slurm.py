@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_slurm import LocalSlurm, missing_tools
+from local_slurm import LocalSlurm, free_port, missing_tools
 from test_cli import small_corpus, tiny_run_config  # noqa: F401 (small_corpus: a fixture)
 
 from sa_train.cli import main
@@ -54,8 +54,10 @@ def submit(slurm: LocalSlurm, tmp_path: Path, corpus: Path, template: str, sbatc
     run = tmp_path / "run"
     env = {
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        # The simulated node names (n1, n2) do not resolve; both nodes are this host.
+        # The simulated node names (n1, n2) do not resolve; both nodes are this host. Lightning's port for
+        # Slurm jobs comes from the job id, which another test cluster on this host may share.
         "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
     }
     job_id = slurm.sbatch(
         "--gres=none",
