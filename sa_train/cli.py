@@ -113,7 +113,7 @@ class SACLI(LightningCLI):
             # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
             # sa_train's resumable loader does not have (Lightning then fails with an AttributeError).
             strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.batch_size)
-        plugins = kwargs.get("plugins") or []
+        plugins = kwargs.get("plugins", trainer_config.get("plugins")) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not isinstance(strategy, SELF_WRITING_STRATEGIES) and not any(
             isinstance(plugin, CheckpointIO) for plugin in plugins
