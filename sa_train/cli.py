@@ -109,6 +109,8 @@ class SACLI(LightningCLI):
                 f"{torch.cuda.is_available()}). On a CPU-only machine use trainer.strategy=ddp (or auto); "
                 "for DeepSpeed run on a machine with NVIDIA GPUs and trainer.accelerator=gpu."
             )
+        if isinstance(strategy, DeepSpeedStrategy):
+            _check_deepspeed_offload(strategy)
         if isinstance(strategy, DeepSpeedStrategy) and self.datamodule is not None:
             # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
             # sa_train's resumable loader does not have (Lightning then fails with an AttributeError).
@@ -120,6 +122,19 @@ class SACLI(LightningCLI):
         ):
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:
+    """DeepSpeed refuses a client optimizer with optimizer offload (it wants its own CPU Adam, a compiled
+    op), and CausalLM builds torch's AdamW; say so before the run instead of from inside deepspeed.initialize.
+    """
+    zero = strategy.config.get("zero_optimization") or {}
+    if zero.get("offload_optimizer") and strategy.config.get("zero_force_ds_cpu_optimizer", True):
+        raise ConfigError(
+            "trainer.strategy.init_args.offload_optimizer=true: DeepSpeed offloads optimizer states only "
+            "with its own CPU Adam, and sa_train's model builds torch's AdamW. Set offload_optimizer to "
+            "false."
+        )
 
 
 class _DataOnlyCLI(SACLI):

@@ -243,6 +243,17 @@ def test_deepspeed_without_cuda_is_one_clear_error(
     assert "Traceback" not in err
 
 
+def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
+    config = tiny_run_config(tmp_path, small_corpus)
+    offload = [
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        "--trainer.strategy.offload_optimizer=true",
+    ]
+    assert main(["fit", "--config", str(config), *offload]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.strategy.init_args.offload_optimizer=true" in err and "Traceback" not in err, err
+
+
 def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
     config = tiny_run_config(tmp_path, small_corpus)
     assert main(["fit", "--config", str(config), "--trainer.strategy=deepspeed_stage_9"]) == 2
