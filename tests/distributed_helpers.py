@@ -3,7 +3,8 @@ a multi-process run did (global loss, cluster environment) or stop it as a preem
 
 Lightning's strategy refuses any accelerator but CUDA, yet DeepSpeed itself trains on CPU with its CPU
 accelerator (``DS_ACCELERATOR=cpu``) over gloo, with a plain torch optimizer so no op gets compiled
-(measured: ZeRO 1/2/3 with 2 tiny-model processes in ~10 s each). Three spots of Lightning's strategy
+(measured: a 2-process ZeRO-2 or ZeRO-3 run of the tiny test model costs ~10 s of CPU, nearly all of it
+Python start-up; training 8 steps takes under a second). Three spots of Lightning's strategy
 assume CUDA; :class:`CPUDeepSpeedStrategy` replaces just those. It lives in tests/ because nobody should
 train a real model this way: it exists so the DeepSpeed path of sa_train runs for real in CI.
 """
@@ -34,7 +35,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)
 
     def setup_distributed(self) -> None:
-        # DeepSpeed would compile its shared-memory all-reduce with g++ on first use (~40 s per fresh
+        # DeepSpeed would compile its shared-memory all-reduce with g++ on first use (35-75 s on a fresh
         # machine); torch's gloo all-reduce does the same job for two tiny processes.
         import deepspeed.ops
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
