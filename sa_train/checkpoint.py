@@ -7,8 +7,13 @@ it self-contained for inference on another machine:
 - ``tokenizer``: the text of the run's ``tokenizer.json`` (absent when the run had no data module);
 - model weights under ``state_dict`` with the ``model.`` prefix of :class:`CausalLM`'s attribute.
 
+Under DeepSpeed the checkpoint is a folder: ``latest`` names a tag folder holding Lightning's entries (without
+``state_dict``) in the rank-0 model-states file, and the weights in ZeRO shards, one per rank.
+:func:`read_checkpoint` reads both kinds.
+
 Writers (the LightningModule) call :func:`add_model_entries`; readers (``SAModel.from_checkpoint``,
-``generate``, ``export``) call :func:`read_checkpoint`. Everything here is torch only.
+``generate``, ``export``) call :func:`read_checkpoint`. Everything here is torch only; DeepSpeed is imported
+only to read a folder.
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ class ModelCheckpoint:
 def read_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> ModelCheckpoint:
-    """Read a sa_train checkpoint without unpickling arbitrary objects (``weights_only`` loading).
+    """Read a sa_train checkpoint: a .ckpt file, or the .ckpt folder fit writes under DeepSpeed.
+
+    Files are read without unpickling arbitrary objects (``weights_only`` loading); DeepSpeed's consolidation
+    unpickles a folder's optimizer shards in full, so read only folders you trust.
 
     Raises :class:`CheckpointError` with the reason and the fix for a missing, truncated or foreign file.
     """
@@ -60,18 +68,7 @@ def read_checkpoint(
             f"no checkpoint at {path}. Give the path of a .ckpt written by `python -m sa_train fit`, e.g. "
             "runs/<name>/version_<N>/checkpoints/last.ckpt."
         )
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder, not a checkpoint file. Give the path of a .ckpt file written by fit."
-        )
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch's unpickler raises anything from IndexError to RuntimeError
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path} cannot be read as a checkpoint ({first_line}). The file is truncated, damaged or not a "
-            "PyTorch checkpoint; use another checkpoint of the run (e.g. last.ckpt or a step checkpoint)."
-        ) from error
+    checkpoint = _read_deepspeed_folder(path, map_location) if path.is_dir() else _load(path, map_location)
     if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(
             f"{path} is not a sa_train checkpoint: it has no '{CONFIG_KEY}' and 'state_dict' entries. Use a "
@@ -95,6 +92,54 @@ def read_checkpoint(
         tokenizer_json=checkpoint.get(TOKENIZER_KEY),
         global_step=checkpoint.get("global_step"),
     )
+
+
+def _load(path: Path, map_location: str | torch.device) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch's unpickler raises anything from IndexError to RuntimeError
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint ({_first_line(error)}). The file is truncated, damaged "
+            "or not a PyTorch checkpoint; use another checkpoint of the run (e.g. last.ckpt or a step "
+            "checkpoint)."
+        ) from error
+
+
+def _read_deepspeed_folder(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """Lightning's entries from the rank-0 model-states file, and the full fp32 weights merged from the ZeRO
+    shards by DeepSpeed's own consolidation (``zero_to_fp32``; under ZeRO-3 the model-states files hold only
+    placeholders for the weights)."""
+    latest = path / "latest"
+    if not latest.is_file():
+        raise CheckpointError(
+            f"{path} is a folder but not a DeepSpeed checkpoint (it has no 'latest' file). Give a .ckpt file "
+            "written by fit, or a .ckpt folder written by fit under trainer.strategy DeepSpeed."
+        )
+    try:
+        from deepspeed.utils import zero_to_fp32
+    except ImportError as error:
+        raise CheckpointError(
+            f"{path} is a DeepSpeed checkpoint folder, and reading one needs DeepSpeed: pip install "
+            "'sa_train[deepspeed]' (or convert the folder to one file where DeepSpeed is installed, see "
+            "docs/distributed.md)."
+        ) from error
+    try:
+        tag_folder = path / latest.read_text().strip()
+        entries = _load(Path(zero_to_fp32.get_model_state_files(tag_folder)[0]), map_location)
+        weights = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: the DeepSpeed checkpoint is incomplete or damaged ({_first_line(error)}). Every rank "
+            "writes its own shard into the folder; copy the whole folder, or use another checkpoint of the "
+            "run."
+        ) from error
+    entries.pop("module", None)
+    return {**entries, "state_dict": weights}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -12,16 +12,20 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sa_train.callbacks import LastStepCheckpoint
@@ -32,6 +36,9 @@ from sa_train.training import CausalLM, check_data_fits_model
 
 # Values of ckpt_path that Lightning resolves itself rather than reading as a path.
 LIGHTNING_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
+
+# Strategies that save checkpoint folders themselves instead of handing a dict to a CheckpointIO.
+SELF_WRITING_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
 
 TRAINER_COMMANDS = {
     "fit": "train a model (resume with --ckpt_path)",
@@ -114,10 +121,10 @@ class SACLI(LightningCLI):
         """Fail before any work when --ckpt_path names a file that is not there."""
         subcommand_config = self.config.get(self.subcommand) if self.subcommand else None
         ckpt_path = subcommand_config.get("ckpt_path") if subcommand_config is not None else None
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).is_file():
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).exists():
             raise ConfigError(
-                f"ckpt_path: no checkpoint file at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit, "
-                "e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
+                f"ckpt_path: no checkpoint at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit (a "
+                "file, or a folder under DeepSpeed), e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
             )
 
     def before_fit(self) -> None:
@@ -140,19 +147,58 @@ class SACLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Adds atomic checkpoint IO, and a LastStepCheckpoint when the config names no checkpoint callback
-        (Lightning's default one saves only at epoch ends, which step-bounded LM runs may never reach)."""
+        """Adds a LastStepCheckpoint when the config names no checkpoint callback (Lightning's default one
+        saves only at epoch ends, which step-bounded LM runs may never reach), and atomic checkpoint IO where
+        the strategy writes through Lightning's CheckpointIO. DeepSpeed (and FSDP, model-parallel) write
+        their own checkpoint folders, one shard per rank, and never call a CheckpointIO."""
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
         callbacks = trainer_config.get("callbacks") or []
         if trainer_config.get("enable_checkpointing") is not False and not any(
             isinstance(callback, ModelCheckpoint) for callback in callbacks
         ):
             kwargs["callbacks"] = [*callbacks, LastStepCheckpoint(save_last=True)]
-        plugins = kwargs.get("plugins") or []
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as error:  # Lightning's answer to an unknown strategy or accelerator name
+            raise ConfigError(f"trainer: {error}") from error
+        strategy = trainer.strategy
+        if (
+            isinstance(strategy, DeepSpeedStrategy)
+            and not isinstance(trainer.accelerator, CUDAAccelerator)
+            and type(strategy).setup_environment is DeepSpeedStrategy.setup_environment
+        ):
+            raise ConfigError(
+                "trainer.strategy: Lightning's DeepSpeed strategy runs only on CUDA GPUs, but this run's "
+                f"accelerator is {type(trainer.accelerator).__name__} (CUDA available: "
+                f"{torch.cuda.is_available()}). On a CPU-only machine use trainer.strategy=ddp (or auto); "
+                "for DeepSpeed run on a machine with NVIDIA GPUs and trainer.accelerator=gpu."
+            )
+        if isinstance(strategy, DeepSpeedStrategy):
+            _check_deepspeed_offload(strategy)
+        if isinstance(strategy, DeepSpeedStrategy) and self.datamodule is not None:
+            # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
+            # sa_train's resumable loader does not have (Lightning then fails with an AttributeError).
+            strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.batch_size)
+        plugins = kwargs.get("plugins", trainer_config.get("plugins")) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        if not isinstance(strategy, SELF_WRITING_STRATEGIES) and not any(
+            isinstance(plugin, CheckpointIO) for plugin in plugins
+        ):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:
+    """DeepSpeed refuses a client optimizer with optimizer offload (it wants its own CPU Adam, a compiled
+    op), and CausalLM builds torch's AdamW; say so before the run instead of from inside deepspeed.initialize.
+    """
+    zero = strategy.config.get("zero_optimization") or {}
+    if zero.get("offload_optimizer") and strategy.config.get("zero_force_ds_cpu_optimizer", True):
+        raise ConfigError(
+            "trainer.strategy.init_args.offload_optimizer=true: DeepSpeed offloads optimizer states only "
+            "with its own CPU Adam, and sa_train's model builds torch's AdamW. Set offload_optimizer to "
+            "false."
+        )
 
 
 def plot(argv: Sequence[str]) -> None:
@@ -221,6 +267,10 @@ def _quiet_upstream_noise() -> None:
     rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTips) for f in rank_zero_logger.filters):
         rank_zero_logger.addFilter(_DropLightningTips())
+    # DeepSpeed, imported while parsing a config that names its strategy, prints a warning on stdout (which
+    # corrupts --print_config) when it finds no GPU, unless told it runs on the CPU.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _show_library_info() -> None:

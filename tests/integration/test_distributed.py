@@ -1,0 +1,281 @@
+"""DeepSpeed ZeRO and DDP on two CPU processes, and exact resume, all through ``python -m sa_train fit``.
+
+The reference for a two-process run is one process with twice the micro-batch: the loader deals each
+epoch's permutation round-robin to ranks, so at every step the two ranks together hold exactly the samples
+of the single process's batch, and the averaged gradient is the same sum. What differs is the order of
+float additions (gloo all-reduce, ZeRO's flat fp32 buckets), so curves agree to a tolerance, not bitwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+from test_cli import small_corpus, tiny_run_config  # noqa: F401 (small_corpus: a fixture)
+
+from sa_train import SAModel
+from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint_io import AtomicCheckpointIO
+from sa_train.cli import SACLI, main
+from sa_train.errors import CheckpointError
+
+# The DDP and accumulation tests need no DeepSpeed; `pip install -e ".[dev]"` installs it for the rest.
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="no DeepSpeed")
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8
+MICRO_BATCH = 8
+# Two ranks against one process on the same samples (fp32, 8 AdamW steps at lr 3e-3, ZeRO-2 and -3 alike):
+# measured max differences 1.4e-6 in the loss and 1.5e-6 in a weight; the bounds leave ~70x for other
+# BLAS builds and thread counts.
+LOSS_TOL = 1e-4
+WEIGHT_TOL = 1e-4
+
+
+def checkpoints_every(dirpath: Path, steps: int) -> list[str]:
+    """A LastStepCheckpoint in ``dirpath`` every ``steps`` steps, kept, named by step, plus ``last``."""
+    return [
+        "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
+        f"--trainer.callbacks.dirpath={dirpath}",
+        f"--trainer.callbacks.every_n_train_steps={steps}",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+        "--trainer.callbacks.save_last=true",
+    ]
+
+
+def recording_losses(path: Path) -> list[str]:
+    return ["--trainer.callbacks+=distributed_helpers.GlobalLossRecorder", f"--trainer.callbacks.path={path}"]
+
+
+def stopping_at(step: int) -> list[str]:
+    return ["--trainer.callbacks+=distributed_helpers.StopAtStep", f"--trainer.callbacks.step={step}"]
+
+
+def quick(max_steps: int = STEPS) -> list[str]:
+    return [
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def fit_in_subprocess(config: Path, args: list[str], cwd: Path) -> None:
+    """``python -m sa_train fit`` in a fresh process; Lightning starts the second rank itself."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env["DS_ACCELERATOR"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def losses(path: Path) -> list[float]:
+    return json.loads(path.read_text())
+
+
+def assert_weights_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float):
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        difference = (actual[name].float() - tensor.float()).abs().max().item()
+        assert difference <= atol, f"{name}: max difference {difference:.2e} > {atol:.0e}"
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, small_corpus):  # noqa: F811 (the fixture imported from test_cli)
+    """The reference: one process, micro-batch 2 * MICRO_BATCH, STEPS steps; its losses and final weights."""
+    tmp_path = tmp_path_factory.mktemp("one_process")
+    config = tiny_run_config(tmp_path, small_corpus)
+    args = [
+        *quick(),
+        f"--data.batch_size={2 * MICRO_BATCH}",
+        *recording_losses(tmp_path / "losses.json"),
+        *checkpoints_every(tmp_path / "ckpt", STEPS),
+    ]
+    assert main(["fit", "--config", str(config), *args]) == 0
+    return losses(tmp_path / "losses.json"), read_checkpoint(tmp_path / "ckpt" / "last.ckpt").state_dict
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "resume_from"), [(2, "last"), (3, "step=4.ckpt")])
+def test_deepspeed_zero_on_two_cpu_processes_resumes_and_matches_one_process(
+    tmp_path,
+    small_corpus,  # noqa: F811
+    one_process,
+    stage,
+    resume_from,
+):
+    """A run stopped at step 4 (mid-epoch) resumes from its ``last`` checkpoint (ZeRO-2) or from its step-4
+    folder (ZeRO-3); the two halves give the one-process curve and weights, and the folder consolidates."""
+    reference_losses, reference_weights = one_process
+    config = tiny_run_config(tmp_path, small_corpus)
+    ckpt = tmp_path / "ckpt"
+    deepspeed = [
+        "--trainer.devices=2",
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        f"--trainer.strategy.stage={stage}",
+        f"--data.batch_size={MICRO_BATCH}",
+        *quick(),
+        *checkpoints_every(ckpt, 4),
+    ]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    fit_in_subprocess(config, [*deepspeed, *recording_losses(first), *stopping_at(4)], tmp_path)
+    assert read_checkpoint(ckpt / "last.ckpt").global_step == 4
+    ckpt_path = "last" if resume_from == "last" else str(ckpt / resume_from)
+    fit_in_subprocess(config, [*deepspeed, *recording_losses(second), f"--ckpt_path={ckpt_path}"], tmp_path)
+
+    curve = losses(first) + losses(second)
+    assert len(curve) == STEPS and curve[-1] < curve[0] - 0.3, curve
+    assert curve == pytest.approx(reference_losses, abs=LOSS_TOL)
+    final = ckpt / f"step={STEPS}.ckpt"
+    assert final.is_dir(), "DeepSpeed writes checkpoint folders"
+    assert_weights_close(read_checkpoint(final).state_dict, reference_weights, WEIGHT_TOL)
+
+    single_file = tmp_path / "consolidated.ckpt"
+    convert_zero_checkpoint_to_fp32_state_dict(final, single_file)
+    model = SAModel.from_checkpoint(single_file)
+    assert_weights_close(model.state_dict(), SAModel.from_checkpoint(final).state_dict(), 0)
+    assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
+
+    (final / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="incomplete or damaged"):
+        read_checkpoint(final)
+
+
+def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=True)["state_dict"]
+
+
+def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
+    tmp_path,
+    small_corpus,  # noqa: F811
+    one_process,
+):
+    """Two gloo ranks: resuming from a mid-epoch checkpoint ends with the uninterrupted run's exact weights;
+    the uninterrupted run follows the one-process curve."""
+    reference_losses, reference_weights = one_process
+    config = tiny_run_config(tmp_path, small_corpus)
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", f"--data.batch_size={MICRO_BATCH}", *quick()]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    fit_in_subprocess(
+        config, [*ddp, *checkpoints_every(full, 4), *recording_losses(full / "losses.json")], tmp_path
+    )
+    fit_in_subprocess(
+        config,
+        [
+            *ddp,
+            *checkpoints_every(resumed, 4),
+            *recording_losses(resumed / "losses.json"),
+            f"--ckpt_path={full / 'step=4.ckpt'}",
+        ],
+        tmp_path,
+    )
+    assert losses(resumed / "losses.json") == losses(full / "losses.json")[4:]
+    assert_bitwise_equal(final_weights(resumed / "step=8.ckpt"), final_weights(full / "step=8.ckpt"))
+    assert losses(full / "losses.json") == pytest.approx(reference_losses, abs=LOSS_TOL)
+    assert_weights_close(read_checkpoint(full / "step=8.ckpt").state_dict, reference_weights, WEIGHT_TOL)
+
+
+@pytest.mark.slow
+def test_resume_with_gradient_accumulation_from_last_and_mid_epoch_is_bitwise(
+    tmp_path,
+    small_corpus,  # noqa: F811
+):
+    """Accumulating 2 micro-batches per step: a run stopped after step 4 and resumed with ``--ckpt_path
+    last``, and a run resumed from the uninterrupted run's step-4 checkpoint, end bitwise on its weights."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    accumulate = ["--trainer.accumulate_grad_batches=2", *quick()]
+    full, stopped, resumed = tmp_path / "full", tmp_path / "stopped", tmp_path / "resumed"
+
+    def fit(*args: str) -> None:
+        assert main(["fit", "--config", str(config), *accumulate, *args]) == 0
+
+    fit(*checkpoints_every(full, 4), *recording_losses(full / "losses.json"))
+    fit(*checkpoints_every(stopped, 4), *stopping_at(4))
+    assert torch.load(stopped / "last.ckpt", weights_only=True)["global_step"] == 4
+    fit(*checkpoints_every(stopped, 4), *recording_losses(stopped / "losses.json"), "--ckpt_path=last")
+    fit(*checkpoints_every(resumed, 4), f"--ckpt_path={full / 'step=4.ckpt'}")
+
+    expected = final_weights(full / "step=8.ckpt")
+    assert_bitwise_equal(final_weights(stopped / "step=8.ckpt"), expected)
+    assert_bitwise_equal(final_weights(resumed / "step=8.ckpt"), expected)
+    # Two micro-batches per step, and the second half of the run sees the second half of the batches.
+    assert len(losses(full / "losses.json")) == 2 * STEPS
+    assert losses(stopped / "losses.json") == losses(full / "losses.json")[STEPS:]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["--trainer.strategy=deepspeed"],
+        ["--trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy", "--trainer.strategy.stage=3"],
+    ],
+)
+def test_deepspeed_without_cuda_is_one_clear_error(
+    tmp_path,
+    small_corpus,  # noqa: F811
+    capsys,
+    strategy,
+):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = tiny_run_config(tmp_path, small_corpus)
+    assert main(["fit", "--config", str(config), *strategy]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.strategy" in err and "only on CUDA GPUs" in err and "ddp" in err, err
+    assert "Traceback" not in err
+
+
+@needs_deepspeed
+def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
+    config = tiny_run_config(tmp_path, small_corpus)
+    offload = [
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        "--trainer.strategy.offload_optimizer=true",
+    ]
+    assert main(["fit", "--config", str(config), *offload]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.strategy.init_args.offload_optimizer=true" in err and "Traceback" not in err, err
+
+
+def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
+    config = tiny_run_config(tmp_path, small_corpus)
+    assert main(["fit", "--config", str(config), "--trainer.strategy=deepspeed_stage_9"]) == 2
+    err = capsys.readouterr().err
+    assert "error: trainer: You selected an invalid strategy name" in err and "Traceback" not in err, err
+
+
+@needs_deepspeed
+def test_cli_writes_atomically_except_under_deepspeed(tmp_path, small_corpus):  # noqa: F811
+    """DeepSpeed saves its own folders and never calls a CheckpointIO; other strategies get the atomic one."""
+    config = ["--config", str(tiny_run_config(tmp_path, small_corpus))]
+    cpu_deepspeed = [
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        "--trainer.strategy.stage=1",
+    ]
+    deepspeed = SACLI([*config, *cpu_deepspeed], run=False)
+    assert not isinstance(deepspeed.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert deepspeed.trainer.strategy.config["train_micro_batch_size_per_gpu"] == 8  # data.batch_size
+    ddp = SACLI([*config, "--trainer.strategy=ddp", "--trainer.devices=2"], run=False)
+    assert isinstance(ddp.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
