@@ -22,13 +22,13 @@ from typing import Any, NoReturn
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from sa_train.callbacks import LastStepCheckpoint
+from sa_train.callbacks import LastStepCheckpoint, StepProgressBar
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.data import TokenDataModule
 from sa_train.errors import ConfigError, SATrainError
@@ -157,6 +157,11 @@ class SACLI(LightningCLI):
             isinstance(callback, ModelCheckpoint) for callback in callbacks
         ):
             kwargs["callbacks"] = [*callbacks, LastStepCheckpoint(save_last=True)]
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StepProgressBar()]
+        _check_gpu_is_there(trainer_config.get("accelerator"))
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # Lightning's answer to an unknown strategy or accelerator name
@@ -186,6 +191,18 @@ class SACLI(LightningCLI):
         ):
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _check_gpu_is_there(accelerator: Any) -> None:
+    """A GPU config on a machine without one: say so and how to run it anyway (Lightning says only "No
+    supported gpu backend found!")."""
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this config asks for a GPU; this machine has no CUDA GPU "
+            "(or this torch build has no CUDA). To run it on the CPU anyway, add --trainer.accelerator cpu "
+            "--trainer.precision 32-true --trainer.strategy auto (slow at 350M parameters; the tiny configs "
+            "are made for CPUs)."
+        )
 
 
 def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_cli import run_cli, tiny_run_config
+import torch
+from test_cli import ROOT, run_cli, tiny_run_config
 
 from sa_train.cli import main
 
@@ -50,3 +51,12 @@ def test_prepare_help_lists_the_data_options_only(capsys):
     out = capsys.readouterr().out
     assert "--data.source" in out and "--trainer.max_steps" not in out
     assert len(out.splitlines()) < 120
+
+
+def test_a_gpu_config_on_a_machine_without_one_says_how_to_run_on_cpu(capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(ROOT)
+    code, _, err = run_cli(["fit", "--config", "configs/sa-350m.yaml", "--trainer.max_steps=1"], capsys)
+    assert code == 2
+    assert "asks for a GPU" in err and "--trainer.accelerator cpu" in err and "Traceback" not in err
