@@ -24,6 +24,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -146,6 +147,20 @@ class SACLI(LightningCLI):
                 "model)."
             )
 
+    def _evaluation_outputs(self, callbacks: list[Any]) -> dict[str, Any]:
+        """validate/test of a run's checkpoint write their metrics into that run's folder
+        (``<run>/validate/metrics.csv``), not a new ``version_N`` beside it, and carry no checkpoint
+        callbacks (they save nothing, and Lightning warned that their folder had changed)."""
+        outputs: dict[str, Any] = {
+            "callbacks": [c for c in callbacks if not isinstance(c, ModelCheckpoint)],
+            "enable_checkpointing": False,
+        }
+        checkpoint = Path(str(self.config[self.subcommand].get("ckpt_path") or ""))
+        if checkpoint.parent.name == "checkpoints":
+            run = checkpoint.parent.parent
+            outputs["logger"] = CSVLogger(save_dir=run, name="", version=self.subcommand)
+        return outputs
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Adds a LastStepCheckpoint when the config names no checkpoint callback (Lightning's default one
         saves only at epoch ends, which step-bounded LM runs may never reach), and atomic checkpoint IO where
@@ -153,6 +168,9 @@ class SACLI(LightningCLI):
         their own checkpoint folders, one shard per rank, and never call a CheckpointIO."""
         trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
         callbacks = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_checkpointing") is False:
+            # One flag switches checkpointing off, also when the config lists a checkpoint callback.
+            callbacks = kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if trainer_config.get("enable_checkpointing") is not False and not any(
             isinstance(callback, ModelCheckpoint) for callback in callbacks
         ):
@@ -162,6 +180,8 @@ class SACLI(LightningCLI):
         ):
             kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StepProgressBar()]
         _check_gpu_is_there(trainer_config.get("accelerator"))
+        if self.subcommand in ("validate", "test"):
+            kwargs.update(self._evaluation_outputs(callbacks))
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # Lightning's answer to an unknown strategy or accelerator name
@@ -184,6 +204,7 @@ class SACLI(LightningCLI):
             # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
             # sa_train's resumable loader does not have (Lightning then fails with an AttributeError).
             strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.batch_size)
+        _check_outputs_in_root_dir(trainer)
         plugins = kwargs.get("plugins", trainer_config.get("plugins")) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not isinstance(strategy, SELF_WRITING_STRATEGIES) and not any(
@@ -191,6 +212,21 @@ class SACLI(LightningCLI):
         ):
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _check_outputs_in_root_dir(trainer: Trainer) -> None:
+    """With a logger, the logger's folder decides where metrics and checkpoints go; a
+    ``trainer.default_root_dir`` elsewhere would be silently ignored, so the two must agree."""
+    root = Path(trainer.default_root_dir).resolve()
+    for logger in trainer.loggers:
+        folder = getattr(logger, "save_dir", None)
+        if folder and not Path(folder).resolve().is_relative_to(root) and root != Path.cwd().resolve():
+            raise ConfigError(
+                f"trainer.default_root_dir={trainer.default_root_dir} but trainer.logger "
+                f"({type(logger).__name__}) writes to {folder}, which is where this run's metrics and "
+                "checkpoints would go. Set both to the same place, e.g. --trainer.default_root_dir X "
+                "--trainer.logger.init_args.save_dir X."
+            )
 
 
 def _check_gpu_is_there(accelerator: Any) -> None:

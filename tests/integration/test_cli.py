@@ -129,10 +129,6 @@ def test_bad_input_fails_in_a_subprocess_without_traceback(tmp_path):
         (["--model.config.vocab_size=300"], "set model.config.vocab_size to at least 512"),
         (["--data.source=/no/such/corpus.jsonl"], "data.source"),
         (["--data.text_field=text"], "data.text_field"),
-        (
-            ["--trainer.callbacks+=ModelCheckpoint", "--trainer.enable_checkpointing=false"],
-            "enable_checkpointing",
-        ),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, small_corpus, capsys, override, expected):

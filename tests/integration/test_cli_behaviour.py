@@ -60,3 +60,53 @@ def test_a_gpu_config_on_a_machine_without_one_says_how_to_run_on_cpu(capsys, mo
     code, _, err = run_cli(["fit", "--config", "configs/sa-350m.yaml", "--trainer.max_steps=1"], capsys)
     assert code == 2
     assert "asks for a GPU" in err and "--trainer.accelerator cpu" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_one_flag_switches_checkpointing_off_and_evaluation_writes_into_the_run(
+    tmp_path, small_corpus, capsys
+):
+    config = tiny_run_config(tmp_path, small_corpus)
+    run = tmp_path / "runs" / "tiny"
+    code, _, err = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps=2",
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.enable_checkpointing=false",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert not (run / "version_0" / "checkpoints").exists()
+
+    code, _, err = run_cli(["fit", "--config", str(config), "--trainer.max_steps=2"], capsys)
+    assert code == 0, err
+    checkpoint = run / "version_1" / "checkpoints" / "last.ckpt"
+    for command in ("validate", "test"):
+        code, _, err = run_cli([command, "--config", str(config), f"--ckpt_path={checkpoint}"], capsys)
+        assert code == 0, err
+        assert (run / "version_1" / command / "metrics.csv").is_file()
+    assert sorted(p.name for p in run.iterdir()) == ["version_0", "version_1"]
+    assert "dirpath has changed" not in err
+
+
+def test_a_root_dir_the_logger_ignores_is_refused(tmp_path, small_corpus, capsys):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            f"--trainer.default_root_dir={tmp_path / 'elsewhere'}",
+            "--print_config",
+        ],
+        capsys,
+    )
+    assert code == 0  # --print_config builds nothing
+    code, _, err = run_cli(
+        ["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'elsewhere'}"], capsys
+    )
+    assert code == 2 and "trainer.logger.init_args.save_dir" in err

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-from test_cli import small_corpus, tiny_run_config  # noqa: F401 (small_corpus: a fixture)
+from test_cli import tiny_run_config
 
 from sa_train import SAModel
 from sa_train.checkpoint import read_checkpoint
@@ -94,7 +94,7 @@ def assert_weights_close(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, small_corpus):  # noqa: F811 (the fixture imported from test_cli)
+def one_process(tmp_path_factory, small_corpus):
     """The reference: one process, micro-batch 2 * MICRO_BATCH, STEPS steps; its losses and final weights."""
     tmp_path = tmp_path_factory.mktemp("one_process")
     config = tiny_run_config(tmp_path, small_corpus)
@@ -113,7 +113,7 @@ def one_process(tmp_path_factory, small_corpus):  # noqa: F811 (the fixture impo
 @pytest.mark.parametrize(("stage", "resume_from"), [(2, "last"), (3, "step=4.ckpt")])
 def test_deepspeed_zero_on_two_cpu_processes_resumes_and_matches_one_process(
     tmp_path,
-    small_corpus,  # noqa: F811
+    small_corpus,
     one_process,
     stage,
     resume_from,
@@ -168,7 +168,7 @@ def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, to
 @pytest.mark.slow
 def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
     tmp_path,
-    small_corpus,  # noqa: F811
+    small_corpus,
     one_process,
 ):
     """Two gloo ranks: resuming from a mid-epoch checkpoint ends with the uninterrupted run's exact weights;
@@ -199,7 +199,7 @@ def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
 @pytest.mark.slow
 def test_resume_with_gradient_accumulation_from_last_and_mid_epoch_is_bitwise(
     tmp_path,
-    small_corpus,  # noqa: F811
+    small_corpus,
 ):
     """Accumulating 2 micro-batches per step: a run stopped after step 4 and resumed with ``--ckpt_path
     last``, and a run resumed from the uninterrupted run's step-4 checkpoint, end bitwise on its weights."""
@@ -234,7 +234,7 @@ def test_resume_with_gradient_accumulation_from_last_and_mid_epoch_is_bitwise(
 )
 def test_deepspeed_without_cuda_is_one_clear_error(
     tmp_path,
-    small_corpus,  # noqa: F811
+    small_corpus,
     capsys,
     strategy,
 ):
@@ -248,7 +248,7 @@ def test_deepspeed_without_cuda_is_one_clear_error(
 
 
 @needs_deepspeed
-def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
+def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, capsys):
     config = tiny_run_config(tmp_path, small_corpus)
     offload = [
         "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
@@ -259,7 +259,7 @@ def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, 
     assert "trainer.strategy.init_args.offload_optimizer=true" in err and "Traceback" not in err, err
 
 
-def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys):  # noqa: F811
+def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys):
     config = tiny_run_config(tmp_path, small_corpus)
     assert main(["fit", "--config", str(config), "--trainer.strategy=deepspeed_stage_9"]) == 2
     err = capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys
 
 
 @needs_deepspeed
-def test_cli_writes_atomically_except_under_deepspeed(tmp_path, small_corpus):  # noqa: F811
+def test_cli_writes_atomically_except_under_deepspeed(tmp_path, small_corpus):
     """DeepSpeed saves its own folders and never calls a CheckpointIO; other strategies get the atomic one."""
     config = ["--config", str(tiny_run_config(tmp_path, small_corpus))]
     cpu_deepspeed = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from local_slurm import LocalSlurm, free_port, missing_tools
-from test_cli import small_corpus, tiny_run_config  # noqa: F401 (small_corpus: a fixture)
+from test_cli import tiny_run_config
 
 from sa_train.cli import main
 
@@ -72,6 +72,7 @@ def submit(slurm: LocalSlurm, tmp_path: Path, corpus: Path, template: str, sbatc
         "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}",
         "--trainer.callbacks+=distributed_helpers.ClusterReport",
         f"--trainer.callbacks.folder={run / 'report'}",
         "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
@@ -92,7 +93,7 @@ def reports(run: Path, restart: int = 0) -> list[dict]:
     return [json.loads(path.read_text()) for path in paths]
 
 
-def test_slurm_two_nodes_one_task_each(slurm, tmp_path, small_corpus):  # noqa: F811
+def test_slurm_two_nodes_one_task_each(slurm, tmp_path, small_corpus):
     job_id, run = submit(
         slurm,
         tmp_path,
@@ -113,7 +114,7 @@ def test_slurm_two_nodes_one_task_each(slurm, tmp_path, small_corpus):  # noqa: 
 def test_slurm_single_node_two_tasks_checkpoints_requeues_and_resumes_on_sigusr1(
     slurm,
     tmp_path,
-    small_corpus,  # noqa: F811
+    small_corpus,
 ):
     """Two tasks on one node; SIGUSR1 after step 3 of 6 (as 90 s before the time limit): Lightning saves
     hpc_ckpt_1.ckpt and requeues the job, whose second run restores it and completes."""
