@@ -166,7 +166,8 @@ class SACLI(LightningCLI):
         saves only at epoch ends, which step-bounded LM runs may never reach), and atomic checkpoint IO where
         the strategy writes through Lightning's CheckpointIO. DeepSpeed (and FSDP, model-parallel) write
         their own checkpoint folders, one shard per rank, and never call a CheckpointIO."""
-        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else {}
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config["trainer"]
         callbacks = trainer_config.get("callbacks") or []
         if trainer_config.get("enable_checkpointing") is False:
             # One flag switches checkpointing off, also when the config lists a checkpoint callback.
