@@ -22,10 +22,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from sa_train.callbacks import LastStepCheckpoint
+from sa_train.callbacks import LastStepCheckpoint, relink_last_checkpoint
+from sa_train.checkpoint import read_checkpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.data import TokenDataModule
-from sa_train.errors import ConfigError, SATrainError
+from sa_train.errors import CheckpointError, ConfigError, SATrainError
 from sa_train.training import CausalLM
 
 # Values of ckpt_path that Lightning resolves itself rather than reading as a path.
@@ -66,14 +67,18 @@ class SACLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Fail before any work when --ckpt_path names a file that is not there."""
+        """Fail before any work when --ckpt_path is not a readable sa_train checkpoint; before ``fit``
+        resumes, point a ``last.ckpt`` that a kill left one save behind at the newest checkpoint."""
         subcommand_config = self.config.get(self.subcommand) if self.subcommand else None
         ckpt_path = subcommand_config.get("ckpt_path") if subcommand_config is not None else None
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).is_file():
-            raise ConfigError(
-                f"ckpt_path: no checkpoint file at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit, "
-                "e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
-            )
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
+            return
+        if self.subcommand == "fit":
+            relink_last_checkpoint(Path(ckpt_path))
+        try:
+            read_checkpoint(ckpt_path)
+        except CheckpointError as error:
+            raise ConfigError(f"ckpt_path: {error}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Adds atomic checkpoint IO, and a LastStepCheckpoint when the config names no checkpoint callback
