@@ -223,6 +223,35 @@ def test_cache_folder_that_cannot_be_created(tmp_path: Path) -> None:
         dm.prepare_data()
 
 
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_tokenisation_streams_through_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """When a shard is written, the split's token ids are memory-mapped arrow files on disk, not arrays in
+    memory, and arrive in chunks much smaller than the split: memory stays bounded as the corpus grows."""
+    texts = _docs(3000)
+    if kind == "txt":
+        (tmp_path / "corpus").mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / "corpus" / f"{i:04d}.txt").write_text(text)
+        source = str(tmp_path / "corpus")
+    else:
+        source = str(_jsonl(tmp_path / "c.jsonl", texts))
+    seen = {}
+    write_shard = shards._write_shard
+
+    def spy(path: str, ids: pa.ChunkedArray, dtype: np.dtype, split: str) -> str:
+        seen[split] = (pa.total_allocated_bytes(), max(len(c.values) for c in ids.chunks), ids.nbytes)
+        return write_shard(path, ids, dtype, split)
+
+    monkeypatch.setattr(shards, "_write_shard", spy)
+    dm = _dm(tmp_path, source)
+    dm.prepare_data()
+    in_memory, largest_chunk, ids_bytes = seen["train"]
+    assert largest_chunk < dm.train_tokens / 2
+    assert in_memory < ids_bytes / 4, (in_memory, ids_bytes)
+
+
 def test_order_is_deterministic_per_seed_and_epoch() -> None:
     def order(seed: int, epoch: int) -> list[int]:
         sampler = EpochBatchSampler(50, 4, seed, shuffle=True)
