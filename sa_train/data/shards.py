@@ -217,7 +217,7 @@ def remove_build_leftovers(folder: str) -> None:
     """Delete the temp files and the ``hf/`` working folder that a killed build left; call under the lock."""
     shutil.rmtree(os.path.join(folder, HF_WORK_DIR), ignore_errors=True)
     for name in os.listdir(folder):
-        if TMP_MARKER in name:
+        if name.rpartition(TMP_MARKER)[2].isdigit():
             os.remove(os.path.join(folder, name))
 
 
