@@ -100,6 +100,8 @@ def read_checkpoint(
 
 # Temp files of atomic_torch_save: hidden, beside the target, named by the writing process's pid.
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# Earlier versions used ``tempfile.mkstemp`` names without a pid; no writer of this version makes them.
+_LEGACY_TEMP_NAME = re.compile(r"^\..+\.ckpt\.[a-z0-9_]{8}\.tmp$")
 
 
 def _temp_path(path: Path) -> Path:
@@ -120,7 +122,8 @@ def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete the temp files that killed writers left in ``folder``; returns what was removed.
 
     Only files named like :func:`atomic_torch_save`'s temp files whose writing process is gone are touched,
-    so a save in progress in another process is left alone.
+    so a save in progress in another process is left alone; checkpoint temp files named the way earlier
+    versions named them (no pid) are leftovers by construction and go too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -128,7 +131,8 @@ def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for entry in folder.iterdir():
         match = _TEMP_NAME.match(entry.name)
-        if match and not _process_alive(int(match["pid"])):
+        stale = not _process_alive(int(match["pid"])) if match else bool(_LEGACY_TEMP_NAME.match(entry.name))
+        if stale:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

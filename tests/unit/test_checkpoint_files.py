@@ -40,12 +40,13 @@ def test_atomic_save_gives_the_mode_of_any_other_file(tmp_path: Path, umask: int
 
 def test_only_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     dead = tmp_path / f".last.ckpt.{_dead_pid()}.0123abcd.tmp"
+    legacy = tmp_path / ".epoch=0-step=50.ckpt.k2_x9qzz.tmp"  # mkstemp's name in earlier versions
     alive = tmp_path / f".last.ckpt.{os.getpid()}.0123abcd.tmp"  # a save in progress in a live process
     unrelated = tmp_path / ".notes.tmp"
-    for path in (dead, alive, unrelated):
+    for path in (dead, legacy, alive, unrelated):
         path.write_bytes(b"partial")
     atomic_torch_save({"x": 1}, tmp_path / "last.ckpt")
-    assert not dead.exists() and alive.exists() and unrelated.exists()
+    assert not dead.exists() and not legacy.exists() and alive.exists() and unrelated.exists()
     assert remove_stale_temp_files(tmp_path) == []
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"x": 1}
 
