@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sa_train.data import TokenDataModule
 
@@ -48,6 +49,7 @@ BUILDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_same_cache_at_once(tmp_path: Path) -> None:
     rng = random.Random(0)
     corpus = tmp_path / "corpus.jsonl"
