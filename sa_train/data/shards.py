@@ -289,6 +289,9 @@ def ensure_cache(spec: CorpusSpec, cache_dir: str, num_proc: int | None) -> tupl
             )
             lock.acquire()
     except OSError as exc:
+        cache = read_cache(folder) if os.path.isdir(folder) else None
+        if cache is not None:  # a read-only cache, prepared elsewhere: nobody can write it, so no lock needed
+            return cache, False
         raise DataError(
             f"data.cache_dir: cannot create or lock the token cache folder {folder} ({exc.strerror}). Set "
             "data.cache_dir to a folder you can write to."

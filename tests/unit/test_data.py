@@ -215,6 +215,21 @@ def test_a_killed_builds_leftovers_are_removed(tmp_path: Path) -> None:
     ]
 
 
+def test_a_read_only_cache_is_used_without_a_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))))
+    dm.prepare_data()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shards.FileLock, "acquire", read_only)  # as on a read-only mount
+    again = _dm(tmp_path, dm.spec.source)
+    again.setup()
+    assert again.cache == dm.cache
+    with pytest.raises(DataError, match="Permission denied"):  # nothing valid there: it cannot be built
+        _dm(tmp_path, dm.spec.source, seed=99).prepare_data()
+
+
 def test_cache_folder_that_cannot_be_created(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
