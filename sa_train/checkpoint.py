@@ -19,7 +19,8 @@ only to read a folder.
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,22 +143,81 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+# Temp files of atomic_torch_save: hidden, beside the target, named by the writing process's pid.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# Earlier versions used ``tempfile.mkstemp`` names without a pid; no writer of this version makes them.
+_LEGACY_TEMP_NAME = re.compile(r"^\..+\.ckpt\.[a-z0-9_]{8}\.tmp$")
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files that killed writers left in ``folder``; returns what was removed.
+
+    Only files named like :func:`atomic_torch_save`'s temp files whose writing process is gone are touched,
+    so a save in progress in another process is left alone; checkpoint temp files named the way earlier
+    versions named them (no pid) are leftovers by construction and go too.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        stale = not _process_alive(int(match["pid"])) if match else bool(_LEGACY_TEMP_NAME.match(entry.name))
+        if stale:
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, rename: readers see the old or the new file."""
+    """``torch.save`` to a temp file beside ``path``, fsync, rename: readers see the old or the new file.
+
+    The temp file is created with mode 0o666 less the umask, like any file the run writes (``mkstemp``'s
+    0600 would hide checkpoints from the run owner's group), and temp files that killed writers left
+    beside ``path`` are removed first, so a crash mid-save costs disk space only until the next save.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path.parent)
+    tmp = _temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_hardlink(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make ``target`` a hard link of ``source`` through a temp name, so ``target`` is never absent."""
+    target = Path(target)
+    tmp = _temp_path(target)
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -29,12 +29,25 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from sa_train.callbacks import LastStepCheckpoint, StepProgressBar
+from sa_train.callbacks import LastStepCheckpoint, StepProgressBar, relink_last_checkpoint
+from sa_train.checkpoint import read_checkpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO
+from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule
-from sa_train.errors import ConfigError, SATrainError
+from sa_train.errors import CheckpointError, ConfigError, SATrainError
 from sa_train.training import CausalLM, check_data_fits_model
 
+# SAConfig fields that shape the weights: a checkpoint that differs in one cannot be loaded into the model.
+WEIGHT_SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "tie_embeddings",
+    "sa_groups",
+)
 # Values of ckpt_path that Lightning resolves itself rather than reading as a path.
 LIGHTNING_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
 
@@ -118,14 +131,32 @@ class SACLI(LightningCLI):
             run=run,
         )
 
-    def before_instantiate_classes(self) -> None:
-        """Fail before any work when --ckpt_path names a file that is not there."""
-        subcommand_config = self.config.get(self.subcommand) if self.subcommand else None
-        ckpt_path = subcommand_config.get("ckpt_path") if subcommand_config is not None else None
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).exists():
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """After parsing, and before LightningCLI itself opens --ckpt_path (for its hyperparameters), fail
+        when that is not a readable sa_train checkpoint of the config's architecture; before ``fit``
+        resumes, point a ``last.ckpt`` that a kill left one save behind at the newest checkpoint."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
+            return
+        if subcommand == "fit":
+            relink_last_checkpoint(Path(ckpt_path))
+        try:
+            saved = read_checkpoint(ckpt_path).config
+        except CheckpointError as error:
+            raise ConfigError(f"ckpt_path: {error}") from error
+        wanted = SAConfig(**self.config[subcommand]["model"]["config"].as_dict())
+        differ = [name for name in WEIGHT_SHAPE_FIELDS if getattr(saved, name) != getattr(wanted, name)]
+        if differ:
             raise ConfigError(
-                f"ckpt_path: no checkpoint at {ckpt_path}. Point --ckpt_path at a .ckpt written by fit (a "
-                "file, or a folder under DeepSpeed), e.g. runs/<name>/version_<N>/checkpoints/last.ckpt."
+                f"ckpt_path: {ckpt_path} holds a different architecture than the config: "
+                + "; ".join(
+                    f"model.config.{n} is {getattr(saved, n)} there, {getattr(wanted, n)} here"
+                    for n in differ
+                )
+                + ". Use the config the checkpoint was trained with (config.yaml in its run folder), or drop "
+                "--ckpt_path to train this architecture from scratch."
             )
 
     def before_fit(self) -> None:
@@ -362,6 +393,14 @@ def main(args: Sequence[str] | None = None) -> int:
     except (SATrainError, MisconfigurationException) as error:  # Lightning's: a bad Trainer setting
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as error:  # jsonargparse reading a binary --config file
+        names = ", ".join(_undecodable_files(rest)) or "a file named on the command line"
+        print(
+            f"error: {names} is not UTF-8 text ({error.reason} at byte {error.start}); --config takes a YAML "
+            "file such as configs/sa-tiny.yaml.",
+            file=sys.stderr,
+        )
+        return 2
     except (ModuleNotFoundError, ValueError) as error:  # an optional package a config names (e.g. a logger)
         missing = _missing_module(error)
         if missing is None:
@@ -372,4 +411,25 @@ def main(args: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except OSError as error:  # e.g. an output folder that cannot be created or written
+        print(
+            f"error: {error.filename or 'a file'}: {error.strerror or error}. Check the paths the command "
+            "reads and writes: output folders (trainer.default_root_dir, the logger's save_dir, the "
+            "checkpoint dirpath, data.cache_dir, --out) must be creatable and writable.",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def _undecodable_files(argv: Sequence[str]) -> list[str]:
+    """The files among the arguments (``--config FILE`` or ``--config=FILE``) that are not UTF-8 text."""
+    found = []
+    for arg in argv:
+        path = Path(arg.partition("=")[2] if arg.startswith("--") else arg)
+        if path.is_file():
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                found.append(str(path))
+    return found

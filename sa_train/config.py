@@ -8,6 +8,7 @@ the others are *shared* layers that reuse the anchor's weights with their own va
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -155,6 +156,22 @@ class SAConfig:
             )
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * -(-8 * self.d_model // (3 * 64))
+        if self.ffn_hidden < 1:
+            raise ConfigError(
+                f"model.config.ffn_hidden must be a positive integer, got {self.ffn_hidden}; leave it unset "
+                "(null) for 8/3·d_model rounded up to a multiple of 64."
+            )
+        for name, minimum, typical in (
+            ("rope_theta", 1.0, "10000"),
+            ("norm_eps", 0.0, "1e-5"),
+            ("init_std", 0.0, "0.02"),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > minimum):
+                raise ConfigError(
+                    f"model.config.{name} must be a finite number above {minimum:g}, got {value}; a typical "
+                    f"value is {typical}."
+                )
         if self.attention_backend not in ("auto", "torch", "triton", "reference"):
             raise ConfigError(
                 f"model.config.attention_backend={self.attention_backend!r} is unknown; use auto, torch, "

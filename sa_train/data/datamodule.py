@@ -64,6 +64,11 @@ class TokenDataModule(L.LightningDataModule):
         check_val_fraction(val_fraction)
         if num_workers < 0:
             raise DataError(f"data.num_workers must be 0 or more, got {num_workers}.")
+        if num_proc is not None and num_proc < 1:
+            raise DataError(
+                f"data.num_proc must be a positive number of tokenisation processes, got {num_proc}; "
+                "leave it unset (null) to pick min(CPU count, 8)."
+            )
         self.spec = CorpusSpec(
             source=source,
             text_field=text_field,

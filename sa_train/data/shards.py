@@ -1,9 +1,20 @@
 """Tokenise the corpus once into memory-mappable shard files, cached by a hash of everything that shapes them.
 
 A cache folder ``<cache_dir>/<key>/`` holds ``tokenizer.json``, ``train.bin``, ``val.bin`` (flat token ids,
-an EOS after every document) and ``manifest.json``. Every file is written under a temporary name and moved in
-place with :func:`os.replace`, and the manifest is written last, so a crash never leaves a folder that looks
-complete. A folder whose files disagree with its manifest is rebuilt with a warning.
+an EOS after every document) and ``manifest.json``, which records the SHA-256 of the tokenizer and of every
+shard. Every file is written under a temporary name and moved in place with :func:`os.replace`, and the
+manifest is written last, so a crash never leaves a folder that looks complete.
+
+Before a cache is used its files are checked against the manifest, sizes and checksums alike, so a shard
+damaged in place (flipped bytes, zeroed pages, even valid but wrong token ids) is caught before training.
+A damaged cache is rebuilt with a warning naming the file rather than refused: the shards are derived data
+that the source reproduces exactly, so rebuilding costs minutes and no user decision. Hashing is cheap:
+SHA-256 runs at ~1.1 GB/s (hashlib, measured on the 2-core dev machine): checking the shipped corpus's
+cache (4.3 MB of shards) takes 8 ms, against a training start of several seconds.
+
+Checking and building happen under a lock file in the cache folder (:mod:`filelock`), so processes that
+want the same cache at once (two ``fit`` runs, DDP ranks) build it once; the others wait, then reuse it.
+Whoever holds the lock first removes what a killed build left (temp files, the ``hf/`` working folder).
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,17 +31,24 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from sa_train.data import sources
 from sa_train.data.tokenizer import check_tokenizer_path, eos_token_id, file_sha256, load_tokenizer, train_bpe
+from sa_train.errors import DataError
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".build.lock"
+HF_WORK_DIR = "hf"
+# Every temp file of a build ends in this marker plus the writer's pid, e.g. ``train.bin.tmp1234``.
+TMP_MARKER = ".tmp"
 SPLITS = ("train", "val")
-# Bump when the shard layout or tokenisation rules change, so old caches are not reused.
-FORMAT_VERSION = 1
+# Bump when the shard layout, manifest or tokenisation rules change, so old caches are not reused.
+FORMAT_VERSION = 2
 # Below this many documents per process, forking costs more than it saves (the Rust encoder is threaded).
 _DOCS_PER_PROCESS = 256
 
@@ -47,6 +66,7 @@ class ShardCache:
     val_tokens: int
     train_docs: int
     val_docs: int
+    shard_sha256: dict[str, str]
     format_version: int = FORMAT_VERSION
 
     @property
@@ -91,8 +111,12 @@ class CorpusSpec:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _tmp_name(path: str) -> str:
+    return f"{path}{TMP_MARKER}{os.getpid()}"
+
+
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
@@ -121,14 +145,18 @@ def read_cache(folder: str) -> ShardCache | None:
         expected = cache.num_tokens(split) * itemsize
         actual = os.path.getsize(path) if os.path.exists(path) else None
         if actual != expected:
-            return _damaged(folder, f"{split}.bin has {actual} bytes where the manifest says {expected}")
+            return _damaged(folder, f"{path} has {actual} bytes where the manifest says {expected}")
+    for split in SPLITS:
+        path = cache.shard_path(split)
+        if file_sha256(path) != cache.shard_sha256.get(split):
+            return _damaged(folder, f"{path} does not match its checksum in the manifest (changed in place)")
     return cache
 
 
 def _damaged(folder: str, why: str) -> None:
     warnings.warn(
-        f"The token cache {folder} is damaged: {why}. Rebuilding it automatically.",
-        stacklevel=3,
+        f"The token cache {folder} is damaged: {why}. Rebuilding it from data.source automatically.",
+        stacklevel=4,
     )
     return None
 
@@ -146,17 +174,18 @@ def _encode(batch: dict[str, list[str]], tokenizer_json: str, eos_id: int) -> di
     return {"ids": ids, "length": [len(x) for x in ids]}
 
 
-def _write_shard(path: str, ids: pa.ChunkedArray, total: int, dtype: np.dtype, split: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(total,))
-    pos = 0
-    for chunk in tqdm(ids.chunks, desc=f"Writing {split}.bin", unit="chunk"):
-        flat = chunk.flatten().to_numpy(zero_copy_only=False)
-        out[pos : pos + len(flat)] = flat
-        pos += len(flat)
-    out.flush()
-    del out
+def _write_shard(path: str, ids: pa.ChunkedArray, dtype: np.dtype, split: str) -> str:
+    """Append the documents' ids chunk by chunk (the map's on-disk record batches), so memory holds one
+    chunk, never the split's whole token stream; returns the shard's SHA-256."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as out:
+        for chunk in tqdm(ids.chunks, desc=f"Writing {split}.bin", unit="chunk"):
+            out.write(chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).tobytes())
+        out.flush()
+        os.fsync(out.fileno())
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
+    return digest
 
 
 def _processes(num_proc: int | None, num_docs: int) -> int:
@@ -184,13 +213,27 @@ def _tokenise_split(
     )
 
 
+def remove_build_leftovers(folder: str) -> None:
+    """Delete the temp files and the ``hf/`` working folder that a killed build left; call under the lock."""
+    shutil.rmtree(os.path.join(folder, HF_WORK_DIR), ignore_errors=True)
+    for name in os.listdir(folder):
+        if name.rpartition(TMP_MARKER)[2].isdigit():
+            os.remove(os.path.join(folder, name))
+
+
 def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCache:
-    """Load, split, obtain the tokenizer, tokenise and write the shards and manifest into ``folder``."""
+    """Load, split, obtain the tokenizer, tokenise and write the shards and manifest into ``folder``.
+
+    The caller holds the folder's lock and has removed a killed build's leftovers (:func:`ensure_cache`);
+    the folder may still hold a damaged older build, whose manifest goes first.
+    """
     os.makedirs(folder, exist_ok=True)
     manifest_path = os.path.join(folder, MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)
-    docs = sources.load_documents(spec.source, spec.text_field, spec.hub_split, os.path.join(folder, "hf"))
+    docs = sources.load_documents(
+        spec.source, spec.text_field, spec.hub_split, os.path.join(folder, HF_WORK_DIR)
+    )
     train_docs, val_docs = sources.split_documents(docs, spec.val_fraction, spec.seed)
     if spec.tokenizer:
         user_path = check_tokenizer_path(spec.tokenizer)
@@ -203,12 +246,12 @@ def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCac
     _atomic_write_text(tokenizer_path, tok.to_str())
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
-    counts = {}
+    counts, digests = {}, {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         encoded = _tokenise_split(split_docs, split, tok, eos_id, num_proc)
-        counts[split] = int(np.sum(encoded["length"]))
-        _write_shard(
-            os.path.join(folder, f"{split}.bin"), encoded.data.column("ids"), counts[split], dtype, split
+        counts[split] = pc.sum(encoded.data.column("length")).as_py() or 0
+        digests[split] = _write_shard(
+            os.path.join(folder, f"{split}.bin"), encoded.data.column("ids"), dtype, split
         )
     cache = ShardCache(
         folder=folder,
@@ -220,17 +263,44 @@ def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCac
         val_tokens=counts["val"],
         train_docs=len(train_docs),
         val_docs=len(val_docs),
+        shard_sha256=digests,
     )
-    shutil.rmtree(os.path.join(folder, "hf"), ignore_errors=True)
+    shutil.rmtree(os.path.join(folder, HF_WORK_DIR), ignore_errors=True)
     manifest = {k: v for k, v in asdict(cache).items() if k != "folder"}
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return cache
 
 
 def ensure_cache(spec: CorpusSpec, cache_dir: str, num_proc: int | None) -> tuple[ShardCache, bool]:
-    """Return the valid cache for ``spec``, building it first if needed; the flag says if it was built."""
+    """Return the valid cache for ``spec``, building it first if needed; the flag says if it was built.
+
+    Holds the folder's lock throughout, so a concurrent build of the same cache is waited for, not raced.
+    """
     folder = os.path.join(os.path.abspath(cache_dir), spec.key())
-    cache = read_cache(folder)
-    if cache is not None:
-        return cache, False
-    return build_cache(folder, spec, num_proc), True
+    lock = FileLock(os.path.join(folder, LOCK_FILE))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        try:
+            lock.acquire(timeout=1)
+        except Timeout:
+            print(
+                f"Waiting for another process to finish building the token cache {folder} ...",
+                file=sys.stderr,
+            )
+            lock.acquire()
+    except OSError as exc:
+        cache = read_cache(folder) if os.path.isdir(folder) else None
+        if cache is not None:  # a read-only cache, prepared elsewhere: nobody can write it, so no lock needed
+            return cache, False
+        raise DataError(
+            f"data.cache_dir: cannot create or lock the token cache folder {folder} ({exc.strerror}). Set "
+            "data.cache_dir to a folder you can write to."
+        ) from exc
+    try:
+        remove_build_leftovers(folder)
+        cache = read_cache(folder)
+        if cache is not None:
+            return cache, False
+        return build_cache(folder, spec, num_proc), True
+    finally:
+        lock.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -102,6 +103,11 @@ def _select_text(ds: datasets.Dataset, text_field: str, where: str) -> datasets.
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
+def _read_text_files(paths: list[str]) -> Iterator[dict[str, str]]:
+    for path in paths:
+        yield {"text": Path(path).read_text(encoding="utf-8", errors="replace")}
+
+
 def _load_local(files: list[str], text_field: str, hf_cache: str) -> datasets.Dataset:
     parts: list[datasets.Dataset] = []
     by_format: dict[str, list[str]] = {}
@@ -110,8 +116,12 @@ def _load_local(files: list[str], text_field: str, hf_cache: str) -> datasets.Da
     for fmt, paths in by_format.items():
         if fmt == "text":
             # One document per .txt file: a file is the natural unit (a book, an article) for split and EOS.
-            texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
-            parts.append(datasets.Dataset.from_dict({"text": texts}))
+            # Written to arrow files on disk a file at a time, so later steps memory-map it, never hold it.
+            parts.append(
+                datasets.Dataset.from_generator(
+                    _read_text_files, gen_kwargs={"paths": paths}, cache_dir=hf_cache, keep_in_memory=False
+                )
+            )
             continue
         try:
             ds = datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=hf_cache)

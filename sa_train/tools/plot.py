@@ -18,11 +18,19 @@ def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
             "e.g. runs/sa-tiny/version_0."
         )
     series: dict[str, list[tuple[int, float]]] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value:
-                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value:
+                        series.setdefault(key, []).append((int(row["step"]), float(value)))
+        except (KeyError, TypeError, ValueError, csv.Error) as error:  # UnicodeDecodeError is a ValueError
+            raise DataError(
+                f"plot: {path} is not a metrics.csv written by the CSV logger (line {reader.line_num}: "
+                f"{error!r}); it needs a 'step' column and a number in every metric cell. Pass the run "
+                "folder of a sa_train run, e.g. runs/sa-tiny/version_0."
+            ) from error
     return series
 
 
@@ -43,17 +51,22 @@ def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    curves = {}
     for run in map(Path, runs):
         metrics = read_metrics(run)
-        label = run.parent.name if run.name.startswith("version_") else run.name
-        train = metrics.get("train/loss", [])
-        if train:
-            steps, values = zip(*train, strict=True)
-            (line,) = ax.plot(steps, moving_average(list(values), smooth), label=f"{label} train")
-            if "val/loss" in metrics:
-                val_steps, val_values = zip(*metrics["val/loss"], strict=True)
-                ax.plot(val_steps, val_values, "o--", color=line.get_color(), label=f"{label} val")
+        if not metrics.get("train/loss"):
+            raise DataError(
+                f"plot: {run} holds no train/loss values yet (the run logs every trainer.log_every_n_steps "
+                "steps and may have stopped before the first); plot it after it has trained, or leave it out."
+            )
+        curves[run.parent.name if run.name.startswith("version_") else run.name] = metrics
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for label, metrics in curves.items():
+        steps, values = zip(*metrics["train/loss"], strict=True)
+        (line,) = ax.plot(steps, moving_average(list(values), smooth), label=f"{label} train")
+        if "val/loss" in metrics:
+            val_steps, val_values = zip(*metrics["val/loss"], strict=True)
+            ax.plot(val_steps, val_values, "o--", color=line.get_color(), label=f"{label} val")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)

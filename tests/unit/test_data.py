@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -167,6 +168,105 @@ def test_damaged_shard_is_rebuilt_with_warning(tmp_path: Path) -> None:
     assert shard.read_bytes() == expected
 
 
+def _flip_bytes(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF if i % 97 == 0 else b for i, b in enumerate(data))
+
+
+def _zero_a_page(data: bytes) -> bytes:
+    return data[:64] + bytes(len(data) - 128) + data[-64:]
+
+
+def _shuffle_valid_ids(data: bytes) -> bytes:
+    ids = np.frombuffer(data, dtype=np.uint16).copy()
+    np.random.default_rng(0).shuffle(ids)  # every id stays a valid token; the text is garbage
+    return ids.tobytes()
+
+
+@pytest.mark.parametrize("corrupt", [_flip_bytes, _zero_a_page, _shuffle_valid_ids])
+def test_shard_corrupted_in_place_is_caught_and_rebuilt(tmp_path: Path, corrupt) -> None:
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))))
+    dm.prepare_data()
+    shard = Path(dm.cache.shard_path("train"))
+    expected = shard.read_bytes()
+    shard.write_bytes(corrupt(expected))
+    assert shard.stat().st_size == len(expected)
+    again = _dm(tmp_path, dm.spec.source)
+    with pytest.warns(UserWarning, match=f"{re.escape(str(shard))} does not match its checksum"):
+        again.setup()
+    assert shard.read_bytes() == expected
+    assert again._datasets["train"].tokens.tobytes() == expected
+
+
+def test_a_killed_builds_leftovers_are_removed(tmp_path: Path) -> None:
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))))
+    dm.prepare_data()
+    folder = Path(dm.cache.folder)
+    (folder / "manifest.json").unlink()  # a kill mid-rebuild: no manifest, temp files, the working folder
+    (folder / "train.bin.tmp4242").write_bytes(b"\0" * 1000)
+    (folder / "manifest.json.tmp4242").write_text("{")
+    (folder / shards.HF_WORK_DIR / "json").mkdir(parents=True)
+    _dm(tmp_path, dm.spec.source).prepare_data()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        shards.LOCK_FILE,
+        "manifest.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]
+
+
+def test_a_read_only_cache_is_used_without_a_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))))
+    dm.prepare_data()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shards.FileLock, "acquire", read_only)  # as on a read-only mount
+    again = _dm(tmp_path, dm.spec.source)
+    again.setup()
+    assert again.cache == dm.cache
+    with pytest.raises(DataError, match="Permission denied"):  # nothing valid there: it cannot be built
+        _dm(tmp_path, dm.spec.source, seed=99).prepare_data()
+
+
+def test_cache_folder_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", _docs(20))), cache_dir=str(blocker / "cache"))
+    with pytest.raises(DataError, match=r"data\.cache_dir: cannot create or lock"):
+        dm.prepare_data()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_tokenisation_streams_through_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """When a shard is written, the split's token ids are memory-mapped arrow files on disk, not arrays in
+    memory, and arrive in chunks much smaller than the split: memory stays bounded as the corpus grows."""
+    texts = _docs(3000)
+    if kind == "txt":
+        (tmp_path / "corpus").mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / "corpus" / f"{i:04d}.txt").write_text(text)
+        source = str(tmp_path / "corpus")
+    else:
+        source = str(_jsonl(tmp_path / "c.jsonl", texts))
+    seen = {}
+    write_shard = shards._write_shard
+
+    def spy(path: str, ids: pa.ChunkedArray, dtype: np.dtype, split: str) -> str:
+        seen[split] = (pa.total_allocated_bytes(), max(len(c.values) for c in ids.chunks), ids.nbytes)
+        return write_shard(path, ids, dtype, split)
+
+    monkeypatch.setattr(shards, "_write_shard", spy)
+    dm = _dm(tmp_path, source)
+    dm.prepare_data()
+    in_memory, largest_chunk, ids_bytes = seen["train"]
+    assert largest_chunk < dm.train_tokens / 2
+    assert in_memory < ids_bytes / 4, (in_memory, ids_bytes)
+
+
 def test_order_is_deterministic_per_seed_and_epoch() -> None:
     def order(seed: int, epoch: int) -> list[int]:
         sampler = EpochBatchSampler(50, 4, seed, shuffle=True)
@@ -310,6 +410,8 @@ def test_missing_or_corrupt_tokenizer(tmp_path: Path) -> None:
 
 
 def test_bad_loader_settings(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.num_proc must be a positive"):
+        _dm(tmp_path, "x.jsonl", num_proc=-1)
     with pytest.raises(DataError, match=r"data\.seq_len"):
         _dm(tmp_path, "x.jsonl", seq_len=0)
     with pytest.raises(DataError, match=r"data\.vocab_size=100"):

@@ -1,0 +1,163 @@
+"""The table of bad input: each case ends in one paragraph naming the problem and the fix, exit status 2,
+no traceback. Add a row when a new kind of user error is handled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import run_cli, small_corpus, tiny_run_config
+
+from sa_train import SAConfig, SAModel
+from sa_train.checkpoint import add_model_entries
+
+__all__ = ["small_corpus"]  # the fixture, used by name
+
+# The architecture of tiny_run_config's model, and the same model with other groups.
+TINY = SAConfig(
+    vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64, sa_groups="every:2"
+)
+OTHER_GROUPS = SAConfig(**{**TINY.to_dict(), "sa_groups": "dense"})
+
+
+def _checkpoint(config: SAConfig) -> dict:
+    model = SAModel(config)
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1}
+    add_model_entries(checkpoint, config, None)
+    return checkpoint
+
+
+def truncated_checkpoint(folder: Path) -> Path:
+    path = folder / "truncated.ckpt"
+    torch.save(_checkpoint(TINY), path)
+    path.write_bytes(path.read_bytes()[:4000])
+    return path
+
+
+def not_a_checkpoint(folder: Path) -> Path:
+    path = folder / "notes.ckpt"
+    path.write_text("these are my notes, not a checkpoint\n")
+    return path
+
+
+def checkpoint_of_other_groups(folder: Path) -> Path:
+    path = folder / "dense.ckpt"
+    torch.save(_checkpoint(OTHER_GROUPS), path)
+    return path
+
+
+def plain_state_dict(folder: Path) -> Path:
+    path = folder / "weights.pt"
+    torch.save(SAModel(TINY).state_dict(), path)
+    return path
+
+
+def blocker(folder: Path) -> Path:
+    """A plain file where a folder would have to be created."""
+    path = folder / "a-file"
+    path.write_text("")
+    return path
+
+
+def binary_config(folder: Path) -> Path:
+    path = folder / "config.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+def malformed_metrics(folder: Path) -> Path:
+    run = folder / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n0,0,8.1\n0,1,eight\n")
+    return run
+
+
+def metrics_without_training(folder: Path) -> Path:
+    run = folder / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n")
+    return run
+
+
+CKPT_CASES = [
+    (truncated_checkpoint, "cannot be read as a checkpoint"),
+    (not_a_checkpoint, "cannot be read as a checkpoint"),
+    (
+        checkpoint_of_other_groups,
+        "model.config.sa_groups is [[0], [1], [2], [3]] there, [[0, 1], [2, 3]] here",
+    ),
+    (plain_state_dict, "is not a sa_train checkpoint"),
+]
+
+# (case id, arguments after `python -m sa_train` given the test folder and a tiny config, expected text)
+CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
+    *[
+        (
+            f"{command}-{make.__name__}",
+            lambda d, c, m=make, cmd=command: [cmd, f"--config={c}", f"--ckpt_path={m(d)}"],
+            text,
+        )
+        for command in ("fit", "validate")
+        for make, text in CKPT_CASES
+    ],
+    (
+        "output-folder",
+        lambda d, c: ["fit", f"--config={c}", f"--trainer.logger.init_args.save_dir={blocker(d) / 'runs'}"],
+        "a-file/runs",
+    ),
+    (
+        "cache-folder",
+        lambda d, c: ["fit", f"--config={c}", f"--data.cache_dir={blocker(d) / 'c'}"],
+        "data.cache_dir",
+    ),
+    (
+        "rope_theta",
+        lambda d, c: ["fit", f"--config={c}", "--model.config.rope_theta=-10000"],
+        "model.config.rope_theta",
+    ),
+    (
+        "norm_eps",
+        lambda d, c: ["fit", f"--config={c}", "--model.config.norm_eps=-1e-5"],
+        "model.config.norm_eps",
+    ),
+    (
+        "ffn_hidden",
+        lambda d, c: ["fit", f"--config={c}", "--model.config.ffn_hidden=-64"],
+        "model.config.ffn_hidden",
+    ),
+    (
+        "init_std",
+        lambda d, c: ["fit", f"--config={c}", "--model.config.init_std=-0.02"],
+        "model.config.init_std",
+    ),
+    ("num_proc", lambda d, c: ["fit", f"--config={c}", "--data.num_proc=-2"], "data.num_proc"),
+    (
+        "binary-config",
+        lambda d, c: ["fit", "--config", str(binary_config(d))],
+        "config.yaml is not UTF-8 text",
+    ),
+    (
+        "plot-malformed-csv",
+        lambda d, c: ["plot", str(malformed_metrics(d)), f"--out={d / 'loss.png'}"],
+        "is not a metrics.csv",
+    ),
+    (
+        "plot-no-training",
+        lambda d, c: ["plot", str(metrics_without_training(d)), f"--out={d / 'loss.png'}"],
+        "holds no train/loss values",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, small_corpus, capsys, args, expected):
+    config = tiny_run_config(tmp_path, small_corpus)
+    code, _, err = run_cli(args(tmp_path, config), capsys)
+    message = err[err.find("error:") :].strip()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert expected in message, err[-3000:]
+    assert "\n\n" not in message  # one paragraph
+    assert not list(tmp_path.glob("*.png"))

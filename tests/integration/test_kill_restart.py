@@ -1,0 +1,100 @@
+"""SIGKILL a real `fit` while it saves checkpoints, resume it: both run folders end tidy and consistent."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import ROOT, run_cli, small_corpus, tiny_run_config
+
+__all__ = ["small_corpus"]  # the fixture, used by name
+
+SAVE_EVERY_STEP = [
+    "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=1",
+    "--trainer.callbacks.save_last=true",
+]
+
+
+def _step_files(folder: Path) -> dict[str, int]:
+    return {
+        p.name: int(m[1])
+        for p in folder.iterdir()
+        if (m := re.fullmatch(r"epoch=0-step=(\d+)\.ckpt", p.name))
+    }
+
+
+def _global_step(path: Path) -> int:
+    return torch.load(path, weights_only=True, mmap=True)["global_step"]
+
+
+def _assert_tidy(folder: Path) -> int:
+    """One step checkpoint and last.ckpt at the same step, nothing else; returns that step."""
+    steps = _step_files(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*steps, "last.ckpt"]), list(folder.iterdir())
+    assert len(steps) == 1, steps
+    (name, step), last = next(iter(steps.items())), folder / "last.ckpt"
+    assert _global_step(folder / name) == _global_step(last) == step
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o040, f"{path} is not readable by the run owner's group"
+    return step
+
+
+def _kill_during_a_save(args: list[str], folder: Path, cwd: Path) -> None:
+    """Start `fit` saving every step, SIGKILL it the moment a checkpoint temp file exists (once last.ckpt
+    does, so there is something to resume); fail if no save was caught within 60 s of saving."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sa_train", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's sa_train, whatever is installed
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline, saving_since, mid_save = time.monotonic() + 240, None, False
+    try:
+        while not mid_save and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+            names = os.listdir(folder) if folder.is_dir() else []
+            if "last.ckpt" in names:
+                saving_since = saving_since or time.monotonic()
+                mid_save = any(name.endswith(".tmp") for name in names)
+                deadline = min(deadline, saving_since + 60)
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert mid_save, "no checkpoint write was caught in progress"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_save_then_resume_leaves_tidy_consistent_folders(tmp_path, small_corpus, capsys):
+    config = str(tiny_run_config(tmp_path, small_corpus))
+    killed = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    _kill_during_a_save(
+        ["fit", "--config", config, "--trainer.max_steps=100000", *SAVE_EVERY_STEP], killed, tmp_path
+    )
+    assert any(p.name.endswith(".tmp") for p in killed.iterdir())  # the kill left a partial write behind
+    newest = max(_step_files(killed).values())
+
+    with pytest.warns(UserWarning, match="left by a checkpoint write that was killed"):
+        code, _, err = run_cli(
+            [
+                "fit",
+                "--config",
+                config,
+                f"--trainer.max_steps={newest + 3}",
+                *SAVE_EVERY_STEP,
+                f"--ckpt_path={killed / 'last.ckpt'}",
+            ],
+            capsys,
+        )
+    assert code == 0, err
+    assert _assert_tidy(killed) == newest  # resumed from the newest step, whatever the kill interrupted
+    assert _assert_tidy(tmp_path / "runs" / "tiny" / "version_1" / "checkpoints") == newest + 3
