@@ -43,6 +43,94 @@ class LastStepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path."""
+        super().on_fit_start(trainer, pl_module)
+        if not trainer.is_global_zero or self.dirpath is None:
+            return
+        resume = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
+        folders = {Path(self.dirpath).resolve()}
+        if resume is not None and resume.is_file():
+            folders.add(resume.parent)
+        for folder in sorted(folders):
+            self.tidy(folder, keep=resume)
+
+    def tidy(self, folder: Path, keep: Path | None = None) -> None:
+        """Undo what a kill mid-save left in ``folder``; never deletes ``keep`` (the resumed checkpoint).
+
+        Removes temp files of dead writers. When this callback keeps only the newest step checkpoint
+        (``save_top_k=1``, no ``monitor``), removes the older step checkpoints its filename template names.
+        Then points ``last.ckpt`` at the newest checkpoint if it is behind one.
+        """
+        if not folder.is_dir():
+            return
+        for path in remove_stale_temp_files(folder):
+            warnings.warn(f"Removed {path}, left by a checkpoint write that was killed.", stacklevel=2)
+        steps = self._step_checkpoints(folder) if self.monitor is None and self.save_top_k == 1 else {}
+        if steps:
+            newest = max(steps, key=steps.__getitem__)
+            for path in steps:
+                if path != newest and path != keep:
+                    path.unlink()
+                    warnings.warn(
+                        f"Removed {path}: an older step checkpoint whose deletion a kill interrupted "
+                        f"({newest.name} is newer).",
+                        stacklevel=2,
+                    )
+        if self.save_last:
+            relink_last_checkpoint(folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+    def _step_checkpoints(self, folder: Path) -> dict[Path, int]:
+        """The step checkpoints in ``folder`` that this callback's filename template names, by step."""
+        marks = {"epoch": torch.tensor(_EPOCH_MARK), "step": torch.tensor(_STEP_MARK)}
+        template = Path(self.format_checkpoint_name(marks)).name
+        if str(_STEP_MARK) not in template:
+            return {}
+        pattern = re.escape(template).replace(str(_EPOCH_MARK), r"\d+")
+        pattern = "^" + pattern.replace(str(_STEP_MARK), r"(?P<step>\d+)") + "$"
+        steps = {}
+        for path in folder.iterdir():
+            match = re.match(pattern, path.name)
+            if match and path.is_file() and not path.is_symlink():
+                steps[path] = int(match["step"])
+        return steps
+
+
+def relink_last_checkpoint(last: Path) -> None:
+    """If a checkpoint beside ``last.ckpt`` holds a later step, make it a hard link of the latest one.
+
+    A kill between writing a step checkpoint and rewriting ``last.ckpt`` leaves ``last.ckpt`` one save
+    behind; resuming from it would silently repeat that interval. The link is renamed over ``last``
+    atomically: no copy, and never a moment without a ``last.ckpt``.
+    """
+    last_name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    if last.name != last_name or not last.is_file() or last.is_symlink():
+        return
+    steps = {
+        p: _global_step(p)
+        for p in last.parent.glob("*.ckpt")
+        if p != last and p.is_file() and not p.is_symlink()
+    }
+    if not steps:
+        return
+    newest = max(steps, key=steps.__getitem__)
+    last_step = _global_step(last)
+    if steps[newest] > last_step:
+        atomic_hardlink(newest, last)
+        warnings.warn(
+            f"{last} was at step {last_step}, behind {newest.name} (a kill between the two writes); it is "
+            f"now a link to {newest.name}, step {steps[newest]}.",
+            stacklevel=2,
+        )
+
+
+def _global_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at (read lazily, ``mmap``); -1 when unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # a foreign or damaged file never counts as newer
+        return -1
+
 
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype matmuls run in under a Trainer ``precision`` (what the peak FLOP/s depends on)."""
@@ -211,91 +299,3 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path."""
-        super().on_fit_start(trainer, pl_module)
-        if not trainer.is_global_zero or self.dirpath is None:
-            return
-        resume = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
-        folders = {Path(self.dirpath).resolve()}
-        if resume is not None and resume.is_file():
-            folders.add(resume.parent)
-        for folder in sorted(folders):
-            self.tidy(folder, keep=resume)
-
-    def tidy(self, folder: Path, keep: Path | None = None) -> None:
-        """Undo what a kill mid-save left in ``folder``; never deletes ``keep`` (the resumed checkpoint).
-
-        Removes temp files of dead writers. When this callback keeps only the newest step checkpoint
-        (``save_top_k=1``, no ``monitor``), removes the older step checkpoints its filename template names.
-        Then points ``last.ckpt`` at the newest checkpoint if it is behind one.
-        """
-        if not folder.is_dir():
-            return
-        for path in remove_stale_temp_files(folder):
-            warnings.warn(f"Removed {path}, left by a checkpoint write that was killed.", stacklevel=2)
-        steps = self._step_checkpoints(folder) if self.monitor is None and self.save_top_k == 1 else {}
-        if steps:
-            newest = max(steps, key=steps.__getitem__)
-            for path in steps:
-                if path != newest and path != keep:
-                    path.unlink()
-                    warnings.warn(
-                        f"Removed {path}: an older step checkpoint whose deletion a kill interrupted "
-                        f"({newest.name} is newer).",
-                        stacklevel=2,
-                    )
-        if self.save_last:
-            relink_last_checkpoint(folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-
-    def _step_checkpoints(self, folder: Path) -> dict[Path, int]:
-        """The step checkpoints in ``folder`` that this callback's filename template names, by step."""
-        marks = {"epoch": torch.tensor(_EPOCH_MARK), "step": torch.tensor(_STEP_MARK)}
-        template = Path(self.format_checkpoint_name(marks)).name
-        if str(_STEP_MARK) not in template:
-            return {}
-        pattern = re.escape(template).replace(str(_EPOCH_MARK), r"\d+")
-        pattern = "^" + pattern.replace(str(_STEP_MARK), r"(?P<step>\d+)") + "$"
-        steps = {}
-        for path in folder.iterdir():
-            match = re.match(pattern, path.name)
-            if match and path.is_file() and not path.is_symlink():
-                steps[path] = int(match["step"])
-        return steps
-
-
-def relink_last_checkpoint(last: Path) -> None:
-    """If a checkpoint beside ``last.ckpt`` holds a later step, make it a hard link of the latest one.
-
-    A kill between writing a step checkpoint and rewriting ``last.ckpt`` leaves ``last.ckpt`` one save
-    behind; resuming from it would silently repeat that interval. The link is renamed over ``last``
-    atomically: no copy, and never a moment without a ``last.ckpt``.
-    """
-    last_name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-    if last.name != last_name or not last.is_file() or last.is_symlink():
-        return
-    steps = {
-        p: _global_step(p)
-        for p in last.parent.glob("*.ckpt")
-        if p != last and p.is_file() and not p.is_symlink()
-    }
-    if not steps:
-        return
-    newest = max(steps, key=steps.__getitem__)
-    last_step = _global_step(last)
-    if steps[newest] > last_step:
-        atomic_hardlink(newest, last)
-        warnings.warn(
-            f"{last} was at step {last_step}, behind {newest.name} (a kill between the two writes); it is "
-            f"now a link to {newest.name}, step {steps[newest]}.",
-            stacklevel=2,
-        )
-
-
-def _global_step(path: Path) -> int:
-    """The optimizer step a checkpoint was written at (read lazily, ``mmap``); -1 when unreadable."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # a foreign or damaged file never counts as newer
-        return -1

@@ -247,12 +247,12 @@ class SACLI(LightningCLI):
 
 
 def _check_outputs_in_root_dir(trainer: Trainer) -> None:
-    """With a logger, the logger's folder decides where metrics and checkpoints go; a
+    """With loggers, the first one's folder decides where metrics and checkpoints go; a
     ``trainer.default_root_dir`` elsewhere would be silently ignored, so the two must agree."""
-    root = Path(trainer.default_root_dir).resolve()
-    for logger in trainer.loggers:
+    root, logger = Path(trainer.default_root_dir).resolve(), trainer.logger  # the first logger decides
+    if logger is not None and root != Path.cwd().resolve():
         folder = getattr(logger, "save_dir", None)
-        if folder and not Path(folder).resolve().is_relative_to(root) and root != Path.cwd().resolve():
+        if folder and not Path(folder).resolve().is_relative_to(root):
             raise ConfigError(
                 f"trainer.default_root_dir={trainer.default_root_dir} but trainer.logger "
                 f"({type(logger).__name__}) writes to {folder}, which is where this run's metrics and "

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run_cli, small_corpus, tiny_run_config
+from test_cli import run_cli, tiny_run_config
 
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import add_model_entries
-
-__all__ = ["small_corpus"]  # the fixture, used by name
 
 # The architecture of tiny_run_config's model, and the same model with other groups.
 TINY = SAConfig(

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ROOT, run_cli, small_corpus, tiny_run_config
-
-__all__ = ["small_corpus"]  # the fixture, used by name
+from test_cli import ROOT, run_cli, tiny_run_config
 
 SAVE_EVERY_STEP = [
     "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
