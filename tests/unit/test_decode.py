@@ -15,6 +15,7 @@ SHAPES = {
     "sa-pairs": dict(sa_groups="every:2", n_heads=4, n_kv_heads=4),
     "mixed-spans-gqa": dict(sa_groups=[[0], [1, 2, 3], [4, 5]], n_heads=4, n_kv_heads=2),
     "sa-mqa": dict(sa_groups="every:3", n_heads=4, n_kv_heads=1),
+    "small-mixed-gqa": dict(n_layers=3, sa_groups=[[0], [1, 2]], n_heads=4, n_kv_heads=2),
 }
 
 
@@ -55,7 +56,7 @@ def assert_decoding_matches_forward(model: SAModel, prompt_lengths: list[int], n
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", ["dense", "sa-pairs", "mixed-spans-gqa", "sa-mqa"])
 def test_incremental_decoding_equals_full_forward(shape, backend):
     """Row 0 starts from a single token, so every one of its positions is decoded incrementally;
     the other rows are left-padded."""
@@ -105,3 +106,40 @@ def test_decode_step_writes_the_cache_in_place():
 def test_cache_longer_than_the_context_is_a_clear_error():
     with pytest.raises(ConfigError, match="max_seq_len=32"):
         KVCache(build("dense", "torch").config, batch_size=1, max_len=33)
+
+
+def test_training_forward_and_backward_trace_whole_under_compile():
+    """fullgraph=True fails on any graph break (a Python lookup, logging, an import in forward)."""
+    model = build("small-mixed-gqa", "torch").train()
+    ids = torch.randint(0, 97, (2, 12))
+    probe = torch.randn(2, 12, 97)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = compiled(ids)
+    got_grads = torch.autograd.grad((got * probe).sum(), list(model.parameters()))
+    want = model(ids)
+    want_grads = torch.autograd.grad((want * probe).sum(), list(model.parameters()))
+    torch.testing.assert_close(got, want)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_decode_step_compiles_once_and_replays_for_every_token():
+    """One graph, no graph breaks, no recompilation as the cache fills: the step's shapes are static."""
+    model = build("mixed-spans-gqa", "torch")
+    graphs = []
+
+    def count_graphs(graph_module, _inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    step = torch.compile(model.decode_step, backend=count_graphs, fullgraph=True)
+    ids = torch.randint(0, 97, (2, 10))
+    cache = KVCache(model.config, batch_size=2, max_len=10)
+    want = model(ids)
+    with torch.no_grad():
+        model.prefill(ids[:, :4], [4, 4], cache)
+        for position in range(4, 10):
+            logits = step(ids[:, position], cache)
+            cache.advance()
+            torch.testing.assert_close(logits, want[:, position], atol=1e-4, rtol=1e-4)
+    assert len(graphs) == 1
