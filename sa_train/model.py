@@ -23,6 +23,7 @@ from sa_train.attention import AttentionBackend, get_backend
 from sa_train.cache import KVCache
 from sa_train.config import SAConfig
 from sa_train.errors import CheckpointError, ConfigError
+from sa_train.generation import Prompts, Sampling, generate
 
 if TYPE_CHECKING:
     from sa_train.checkpoint import ModelCheckpoint
@@ -280,6 +281,25 @@ class SAModel(nn.Module):
         for group in self.groups:
             x = group.decode(x, rope, self.backend, cache)
         return self.lm_head(self.norm(x[:, 0]))
+
+    def generate(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> list[list[int]]:
+        """New tokens for each prompt (token ids: a list per prompt, or a (B, T) tensor).
+
+        Greedy by default; ``temperature`` > 0 samples, optionally among the ``top_k`` most likely
+        tokens and the nucleus of mass ``top_p``, repeatably with ``seed``. A row stops after
+        ``eos_token_id``; all stop after ``max_new_tokens``. See :mod:`sa_train.generation`.
+        """
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return generate(self, prompts, max_new_tokens, sampling, eos_token_id)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

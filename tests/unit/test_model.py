@@ -231,3 +231,13 @@ def test_model_core_imports_torch_alone():
     modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for heavy in ("lightning", "datasets", "tokenizers", "triton", "transformers"):
         assert f"'{heavy}'" not in modules, heavy
+
+
+def test_greedy_generation_matches_hf_llama_generate():
+    """A dense model decodes through the static cache token for token like HF's own generate."""
+    torch.manual_seed(0)
+    model = SAModel(SAConfig(**TINY, n_heads=4, n_kv_heads=2, init_std=0.3)).eval()
+    hf = hf_llama_from(model)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 7))
+    want = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+    assert model.generate(prompt, max_new_tokens=12) == want[:, 7:].tolist()
