@@ -26,6 +26,7 @@ from sa_train.callbacks import LastStepCheckpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.data import TokenDataModule
 from sa_train.errors import ConfigError, SATrainError
+from sa_train.tools import generate
 from sa_train.training import CausalLM
 
 # Values of ckpt_path that Lightning resolves itself rather than reading as a path.
@@ -118,6 +119,7 @@ def plot(argv: Sequence[str]) -> None:
 TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "prepare": (prepare, "tokenise a config's data into the shard cache once (fit does it on demand)"),
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
+    "generate": (generate.main, "continue a prompt with a checkpoint, streamed to stdout"),
 }
 
 
