@@ -114,10 +114,6 @@ class KVCache:
         if self.length < self.max_len:
             self.bias[..., self.length] = 0.0
 
-    def room(self) -> int:
-        """Tokens that can still be decoded into this cache."""
-        return self.max_len - self.length
-
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean mask as an additive attention bias: 0 where allowed, -inf elsewhere."""

@@ -162,8 +162,9 @@ def generate(
     eos_token_id: int | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt, up to and including its first ``eos_token_id``."""
-    outputs: list[list[int]] = [[] for _ in _prompt_rows(prompts, model.config.vocab_size)]
+    outputs: list[list[int]] = []
     for tokens in stream(model, prompts, max_new_tokens, sampling, eos_token_id):
+        outputs = outputs or [[] for _ in range(len(tokens))]
         for row, token in zip(outputs, tokens.tolist(), strict=True):
             if eos_token_id is None or not row or row[-1] != eos_token_id:
                 row.append(token)

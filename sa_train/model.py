@@ -76,7 +76,6 @@ class Attention(nn.Module):
 
     def __init__(self, config: SAConfig, is_anchor: bool) -> None:
         super().__init__()
-        self.is_anchor = is_anchor
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         kv_dim = config.n_kv_heads * config.head_dim
         if is_anchor:
