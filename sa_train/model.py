@@ -124,8 +124,8 @@ class Block(nn.Module):
         assert config.ffn_hidden is not None
         self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
 
-    def finish(self, x: Tensor, attn_heads: Tensor) -> Tensor:
-        """The rest of the layer once its attention heads (B, H, T, D) are known."""
+    def forward(self, x: Tensor, attn_heads: Tensor) -> Tensor:
+        """The rest of the layer once its group has computed its attention heads (B, H, T, D)."""
         x = x + self.attn.output(attn_heads)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -162,13 +162,13 @@ class LayerGroup:
             slot.keys[:, :, : k.shape[2]] = k
             slot.values[0, :, :, : v.shape[2]] = v
         out, weights = backend.anchor(q, k, v, bool(self.followers), bias)
-        x = self.anchor.finish(x, out)
+        x = self.anchor(x, out)
         for layer, block in enumerate(self.followers, start=1):
             assert weights is not None
             v = block.attn.values(block.attn_norm(x))
             if slot is not None:
                 slot.values[layer, :, :, : v.shape[2]] = v
-            x = block.finish(x, backend.shared(weights, v))
+            x = block(x, backend.shared(weights, v))
         return x
 
     def decode(
@@ -183,11 +183,11 @@ class LayerGroup:
         slot.keys.index_copy_(2, cache.slot, k)
         slot.values[0].index_copy_(2, cache.slot, v)
         weights = backend.decode_anchor(q, slot.keys, slot.values, cache)
-        x = self.anchor.finish(x, backend.decode_shared(weights, 0, slot.values, v))
+        x = self.anchor(x, backend.decode_shared(weights, 0, slot.values, v))
         for layer, block in enumerate(self.followers, start=1):
             v = block.attn.values(block.attn_norm(x))
             slot.values[layer].index_copy_(2, cache.slot, v)
-            x = block.finish(x, backend.decode_shared(weights, layer, slot.values, v))
+            x = block(x, backend.decode_shared(weights, layer, slot.values, v))
         return x
 
 
