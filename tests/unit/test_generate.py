@@ -47,20 +47,27 @@ def test_generation_fills_the_whole_context(model):
     assert model.generate(prompt, max_new_tokens=21) == [greedy_by_full_forward(model, prompt, 21)]
 
 
-def test_a_row_stops_at_eos_and_generation_ends_when_all_rows_have(model):
+def test_a_row_stops_at_eos_and_generation_ends_when_all_rows_have(model, monkeypatch):
     prompts = [[5, 9, 2], [3, 4]]
     free = model.generate(prompts, max_new_tokens=8)
     eos = free[0][2]
     stopped = model.generate(prompts, max_new_tokens=8, eos_token_id=eos)
     first_eos = [row.index(eos) if eos in row else len(row) - 1 for row in free]
     assert stopped == [row[: end + 1] for row, end in zip(free, first_eos, strict=True)]
+    steps = []
+    decode_step = model.decode_step
+    monkeypatch.setattr(model, "decode_step", lambda *args: steps.append(1) or decode_step(*args))
     only = model.generate(prompts[:1], max_new_tokens=8, eos_token_id=eos)
     assert only == [free[0][:3]]
+    assert len(steps) == 2  # the first token comes from the prefill; no step runs after the EOS
 
 
 def test_top_k_and_top_p_keep_exactly_the_most_likely_tokens():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]).log()
-    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw)).tolist()  # noqa: E731
+
+    def kept(top_k: int | None, top_p: float | None) -> list[list[bool]]:
+        return torch.isfinite(filter_logits(logits, top_k, top_p)).tolist()
+
     assert kept(top_k=2, top_p=None) == [[True, True, False, False], [False, False, True, True]]
     assert kept(top_k=None, top_p=0.5) == [[True, False, False, False], [False, False, False, True]]
     assert kept(top_k=None, top_p=0.7) == [[True, True, False, False], [False, False, True, True]]
