@@ -5,6 +5,10 @@ P = softmax(QK^T/sqrt(d)); the group's shared layers own only V and O and apply 
 their own values. Every layer keeps its norms and MLP. With all groups of size one this is exactly
 a Llama (RMSNorm, RoPE in the rotate-half convention, SwiGLU, GQA), weight for weight.
 
+At inference, :meth:`SAModel.prefill` runs (left-padded) prompts through the training path into a
+static :class:`~sa_train.cache.KVCache` and :meth:`SAModel.decode_step` adds one token per row;
+:meth:`SAModel.generate` (:mod:`sa_train.generation`) drives both.
+
 This module depends on torch alone, so exported checkpoints, kernels and tools can all reuse it.
 """
 
@@ -272,8 +276,8 @@ class SAModel(nn.Module):
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, vocab) after one new token per row (B,); its keys and values go to the cache.
 
-        Only in-place tensor work on fixed shapes: compile it, or capture it as a CUDA graph, once.
-        Call ``cache.advance()`` after each step.
+        The cache is read and written in place and every shape is fixed by the cache, so a compiled
+        step is one graph for all tokens (on GPU, one CUDA graph). Call ``cache.advance()`` after it.
         """
         rope = self.rope(cache.positions[:, None])
         x = self.embed(tokens[:, None])
