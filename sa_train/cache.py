@@ -85,10 +85,11 @@ class KVCache:
         when no row is padded (then prefill is exactly the training forward). A padded query attends to
         itself, so its row stays finite; no real token attends to padding.
         """
-        if len(prompt_lengths) != self.batch_size or not 1 <= padded_len <= self.max_len:
+        fits = len(prompt_lengths) == self.batch_size and padded_len <= self.max_len
+        if not fits or not all(1 <= n <= padded_len for n in prompt_lengths):
             raise ConfigError(
-                f"{len(prompt_lengths)} prompts of up to {padded_len} tokens do not fit a cache of batch "
-                f"{self.batch_size} and max_len {self.max_len}; allocate a KVCache of that shape."
+                f"prompts of lengths {list(prompt_lengths)} padded to {padded_len} tokens do not fit a cache "
+                f"of batch {self.batch_size} and max_len {self.max_len}; lengths must lie in 1..{padded_len}."
             )
         device = self.positions.device
         starts = torch.tensor([padded_len - n for n in prompt_lengths], device=device)

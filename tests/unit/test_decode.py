@@ -143,3 +143,11 @@ def test_decode_step_compiles_once_and_replays_for_every_token():
             cache.advance()
             torch.testing.assert_close(logits, want[:, position], atol=1e-4, rtol=1e-4)
     assert len(graphs) == 1
+
+
+def test_prompt_lengths_that_do_not_fit_the_cache_are_a_clear_error():
+    model = build("dense", "torch")
+    cache = KVCache(model.config, batch_size=2, max_len=8)
+    for lengths, width in (([3, 4], 3), ([0, 3], 3), ([3], 3), ([9, 9], 9)):
+        with pytest.raises(ConfigError, match="do not fit a cache of batch 2 and max_len 8"):
+            model.prefill(torch.zeros(len(lengths), width, dtype=torch.long), lengths, cache)
