@@ -108,7 +108,16 @@ def test_cache_longer_than_the_context_is_a_clear_error():
         KVCache(build("dense", "torch").config, batch_size=1, max_len=33)
 
 
-def test_training_forward_and_backward_trace_whole_under_compile():
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code of earlier tests (e.g. a compiled fit in this process) must not count towards
+    this test's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_training_forward_and_backward_trace_whole_under_compile(fresh_dynamo):
     """fullgraph=True fails on any graph break (a Python lookup, logging, an import in forward)."""
     model = build("small-mixed-gqa", "torch").train()
     ids = torch.randint(0, 97, (2, 12))
@@ -123,7 +132,7 @@ def test_training_forward_and_backward_trace_whole_under_compile():
         torch.testing.assert_close(got_grad, want_grad)
 
 
-def test_decode_step_compiles_once_and_replays_for_every_token():
+def test_decode_step_compiles_once_and_replays_for_every_token(fresh_dynamo):
     """One graph, no graph breaks, no recompilation as the cache fills: the step's shapes are static."""
     model = build("mixed-spans-gqa", "torch")
     graphs = []
