@@ -16,7 +16,15 @@ in how they compute this:
   q, k and per-row log-sum-exp to the shared layers (ungrouped layers keep SDPA).
 
 Tensors are (batch, heads, time, head_dim); k and v may have fewer heads than q (GQA: query head h
-reads kv head h // (n_heads / n_kv_heads)).
+reads kv head h // (n_heads / n_kv_heads)). ``bias`` (batch, 1, q_len, k_len), when given, is an
+additive mask (0 or -inf) that replaces the plain causal one: prefill of left-padded prompts.
+
+Decoding one token (``decode_anchor`` / ``decode_shared``) reads the static cache of
+:mod:`sa_train.cache`: the anchor computes the new token's weights over its group's keys once, and every
+layer of the group applies them to its own value cache. The PyTorch path covers the whole static cache
+with the cache's additive mask (fixed shapes, so a step can be compiled or captured); the Triton path
+is the grouped decode kernel over the written prefix, used when no row is padded (the kernel takes no
+mask).
 """
 
 from __future__ import annotations
@@ -26,12 +34,16 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sa_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sa_train.cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +56,37 @@ class GroupWeights:
     q: Tensor | None = None
     k: Tensor | None = None
     lse: Tensor | None = None
+    bias: Tensor | None = None
+    partials: Tensor | None = None
+    p_last: Tensor | None = None
 
 
 class AttentionBackend(ABC):
     name: str
 
     @abstractmethod
-    def anchor(self, q: Tensor, k: Tensor, v: Tensor, share: bool) -> tuple[Tensor, GroupWeights | None]:
+    def anchor(
+        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+    ) -> tuple[Tensor, GroupWeights | None]:
         """Causal attention of an anchor; with ``share`` also the weights its group's layers reuse."""
 
     @abstractmethod
     def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
         """A shared layer's output: its group's attention weights applied to its own values."""
+
+    def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
+        """The new token's attention weights over the anchor's whole key cache (B, Hkv, max_len, D).
+
+        ``q`` is (B, H, 1, D); the new key is already in the cache. Masked slots (padding, not yet
+        written) get weight exactly 0 from the cache's -inf bias.
+        """
+        return GroupWeights(probs=decode_probs(q, keys, cache.bias, values.dtype))
+
+    def decode_shared(self, weights: GroupWeights, layer: int, values: Tensor, v_new: Tensor) -> Tensor:
+        """Output (B, H, 1, D) of the group's layer ``layer`` (0 = anchor) whose value cache
+        ``values[layer]`` already holds ``v_new``."""
+        assert weights.probs is not None
+        return apply_decode_probs(weights.probs, values[layer])
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -83,6 +114,32 @@ def causal_probs(q: Tensor, k: Tensor, dtype: torch.dtype) -> Tensor:
     return scores.softmax(dim=-1, dtype=torch.float32).to(dtype).view(batch, n_heads, q_len, k_len)
 
 
+def padded_causal_probs(q: Tensor, k: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """Like :func:`causal_probs` with a per-row additive mask ``bias`` (B, 1, Tq, Tk) instead."""
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv, k_len = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(batch, n_kv, -1, head_dim), k.transpose(-1, -2)) / math.sqrt(head_dim)
+    scores = scores.view(batch, n_kv, n_heads // n_kv, q_len, k_len) + bias.unsqueeze(1)
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype).view(batch, n_heads, q_len, k_len)
+
+
+def decode_probs(q: Tensor, keys: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """Weights (B, Hkv, H/Hkv, max_len) of one new query per row over a key cache, softmax in fp32.
+
+    The query heads of a kv head are stacked, so one matmul reads each cached key once.
+    """
+    batch, head_dim = q.shape[0], q.shape[-1]
+    scores = torch.matmul(q.reshape(batch, keys.shape[1], -1, head_dim), keys.transpose(-1, -2))
+    scores = scores * (1.0 / math.sqrt(head_dim)) + bias
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+
+
+def apply_decode_probs(probs: Tensor, values: Tensor) -> Tensor:
+    """(B, Hkv, H/Hkv, max_len) weights times a value cache (B, Hkv, max_len, D): (B, H, 1, D)."""
+    out = torch.matmul(probs, values)
+    return out.view(out.shape[0], -1, 1, out.shape[-1])
+
+
 def apply_probs(probs: Tensor, v: Tensor) -> Tensor:
     """P·V with GQA: the query heads of one kv head are stacked along time, so v is never copied."""
     batch, n_heads, q_len, k_len = probs.shape
@@ -96,13 +153,25 @@ class ReferenceBackend(AttentionBackend):
 
     name = "reference"
 
-    def anchor(self, q: Tensor, k: Tensor, v: Tensor, share: bool) -> tuple[Tensor, GroupWeights | None]:
-        probs = causal_probs(q.float(), k.float(), torch.float32)
+    def anchor(
+        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+    ) -> tuple[Tensor, GroupWeights | None]:
+        if bias is None:
+            probs = causal_probs(q.float(), k.float(), torch.float32)
+        else:
+            probs = padded_causal_probs(q.float(), k.float(), bias.float(), torch.float32)
         return apply_probs(probs, v.float()).to(v.dtype), GroupWeights(probs=probs) if share else None
 
     def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
         assert weights.probs is not None
         return apply_probs(weights.probs, v.float()).to(v.dtype)
+
+    def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
+        return GroupWeights(probs=decode_probs(q.float(), keys.float(), cache.bias.float(), torch.float32))
+
+    def decode_shared(self, weights: GroupWeights, layer: int, values: Tensor, v_new: Tensor) -> Tensor:
+        assert weights.probs is not None
+        return apply_decode_probs(weights.probs, values[layer].float()).to(values.dtype)
 
 
 class TorchBackend(AttentionBackend):
@@ -110,40 +179,83 @@ class TorchBackend(AttentionBackend):
 
     name = "torch"
 
-    def anchor(self, q: Tensor, k: Tensor, v: Tensor, share: bool) -> tuple[Tensor, GroupWeights | None]:
+    def anchor(
+        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+    ) -> tuple[Tensor, GroupWeights | None]:
         if not share:
-            causal = q.shape[2] == k.shape[2]
-            mask = None if causal else causal_mask(q.shape[2], k.shape[2], q.device)
+            causal = bias is None and q.shape[2] == k.shape[2]
+            mask = bias
+            if bias is None and not causal:
+                mask = causal_mask(q.shape[2], k.shape[2], q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
             return out, None
-        probs = causal_probs(q, k, v.dtype)
+        probs = causal_probs(q, k, v.dtype) if bias is None else padded_causal_probs(q, k, bias, v.dtype)
         return apply_probs(probs, v), GroupWeights(probs=probs)
 
     def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
         assert weights.probs is not None
         return apply_probs(weights.probs, v)
 
+    def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
+        """An ungrouped layer hands q and the mask on to SDPA: on dense-tiny (batch 4, 255 cached keys,
+        1 CPU thread) a decode step takes 20.2 ms this way against 21.1 ms with P materialised."""
+        if values.shape[0] == 1:
+            return GroupWeights(q=q, k=keys, bias=cache.bias)
+        return super().decode_anchor(q, keys, values, cache)
+
+    def decode_shared(self, weights: GroupWeights, layer: int, values: Tensor, v_new: Tensor) -> Tensor:
+        if weights.probs is None:
+            assert weights.q is not None and weights.k is not None
+            return F.scaled_dot_product_attention(
+                weights.q, weights.k, values[layer], attn_mask=weights.bias, enable_gqa=True
+            )
+        return super().decode_shared(weights, layer, values, v_new)
+
 
 class TritonBackend(TorchBackend):
     """Fused kernels: the anchor keeps q, k and the row log-sum-exp; shared layers rebuild P in tiles.
 
     A layer whose group has no shared layers needs no log-sum-exp, so it keeps PyTorch's SDPA (flash
-    attention on CUDA): the dense baseline runs the same kernel as any Llama.
+    attention on CUDA): the dense baseline runs the same kernel as any Llama. The kernels take no mask,
+    so a padded prefill (``bias``) and decoding a padded batch take the PyTorch path.
     """
 
     name = "triton"
 
-    def anchor(self, q: Tensor, k: Tensor, v: Tensor, share: bool) -> tuple[Tensor, GroupWeights | None]:
+    def anchor(
+        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+    ) -> tuple[Tensor, GroupWeights | None]:
         from sa_train import kernels
 
-        if not share:
-            return super().anchor(q, k, v, share)
+        if not share or bias is not None:
+            return super().anchor(q, k, v, share, bias)
         out, lse = kernels.anchor_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
         return out, GroupWeights(q=q, k=k, lse=lse)
+
+    def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
+        """The grouped decode kernel over the written prefix: one launch serves every layer's values."""
+        from sa_train import kernels
+
+        if cache.padded:
+            return super().decode_anchor(q, keys, values, cache)
+        length = cache.length
+        partials, p_last = kernels.decode_group_partial(
+            q, keys[:, :, : length + 1], values[:, :, :, :length], 1.0 / math.sqrt(q.shape[-1])
+        )
+        return GroupWeights(partials=partials, p_last=p_last)
+
+    def decode_shared(self, weights: GroupWeights, layer: int, values: Tensor, v_new: Tensor) -> Tensor:
+        from sa_train import kernels
+
+        if weights.partials is None or weights.p_last is None:
+            return super().decode_shared(weights, layer, values, v_new)
+        return kernels.decode_finish(weights.partials[layer], weights.p_last, v_new)
 
     def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
         from sa_train import kernels
 
+        if weights.probs is not None:  # the anchor took the masked PyTorch path
+            return super().shared(weights, v)
         assert weights.q is not None and weights.k is not None and weights.lse is not None
         return kernels.shared_attention(weights.q, weights.k, weights.lse, v, 1.0 / math.sqrt(v.shape[-1]))
 

@@ -313,6 +313,7 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         "tokenise a config's data into the shard cache once (fit does it on demand)",
     ),
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
+    "generate": (_tool("generate"), "continue a prompt with a checkpoint, streamed to stdout"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
     "bench": (_tool("bench"), "training, decode and data speed of SA beside its dense twin and HF Llama"),
 }

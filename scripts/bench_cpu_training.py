@@ -15,13 +15,11 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import yaml
 
-import sa_train.model as model_module
 from sa_train import SAConfig, SAModel
 from sa_train.attention import AttentionBackend, GroupWeights, TorchBackend
 from sa_train.cost import training_flops_per_token
@@ -33,8 +31,8 @@ class RecomputeWithSDPA(TorchBackend):
 
     name = "sdpa-recompute"
 
-    def anchor(self, q, k, v, share):  # type: ignore[no-untyped-def]
-        out, _ = super().anchor(q, k, v, share=False)
+    def anchor(self, q, k, v, share, bias=None):  # type: ignore[no-untyped-def]
+        out, _ = super().anchor(q, k, v, share=False, bias=bias)
         return out, GroupWeights(q=q, k=k) if share else None
 
     def shared(self, weights: GroupWeights, v: torch.Tensor) -> torch.Tensor:
@@ -51,19 +49,19 @@ def step_timer(
 ) -> Callable[[], float]:
     torch.manual_seed(0)
     model = SAModel(config)
+    model.backend = backend
     if compile:
         model.compile()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
 
     def step() -> float:
-        with mock.patch.object(model_module, "get_backend", lambda *_: backend):
-            start = time.perf_counter()
-            logits = model(ids[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return time.perf_counter() - start
+        start = time.perf_counter()
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
     step()  # warm-up: allocator, thread pools, compilation
     step()

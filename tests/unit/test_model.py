@@ -185,15 +185,37 @@ def test_sequence_longer_than_max_seq_len_is_a_clear_error():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_backend_choice_is_logged_once(caplog):
-    from sa_train.attention import get_backend
+def test_backend_is_resolved_once_at_build_and_on_moves_not_per_forward(caplog, monkeypatch):
+    from sa_train import attention
+    from sa_train import model as model_module
 
-    get_backend.cache_clear()
-    model = SAModel(SAConfig(**TINY, n_heads=4, sa_groups="every:2"))
+    attention.get_backend.cache_clear()
     with caplog.at_level(logging.INFO, logger="sa_train"):
+        model = SAModel(SAConfig(**TINY, n_heads=4, sa_groups="every:2"))
+        assert isinstance(model.backend, attention.TorchBackend)
+
+        def no_lookup(*_args):
+            raise AssertionError("forward resolved the backend")
+
+        monkeypatch.setattr(model_module, "get_backend", no_lookup)
         model(torch.zeros(1, 8, dtype=torch.long))
         model(torch.zeros(1, 8, dtype=torch.long))
+        monkeypatch.undo()
+        model.to(torch.float64)
+        assert isinstance(model.backend, attention.TorchBackend)
     assert [r.getMessage() for r in caplog.records] == ["shared attention on cpu uses the torch backend"]
+
+
+def test_moving_the_model_re_resolves_its_backend(monkeypatch):
+    from sa_train import model as model_module
+
+    model = SAModel(SAConfig(**TINY, n_heads=4))
+    seen = []
+    monkeypatch.setattr(
+        model_module, "get_backend", lambda name, device_type, head_dim: seen.append(device_type)
+    )
+    model.to("meta")
+    assert seen == ["meta"]
 
 
 def test_model_core_imports_torch_alone():
@@ -209,3 +231,13 @@ def test_model_core_imports_torch_alone():
     modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for heavy in ("lightning", "datasets", "tokenizers", "triton", "transformers"):
         assert f"'{heavy}'" not in modules, heavy
+
+
+def test_greedy_generation_matches_hf_llama_generate():
+    """A dense model decodes through the static cache token for token like HF's own generate."""
+    torch.manual_seed(0)
+    model = SAModel(SAConfig(**TINY, n_heads=4, n_kv_heads=2, init_std=0.3)).eval()
+    hf = hf_llama_from(model)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 7))
+    want = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+    assert model.generate(prompt, max_new_tokens=12) == want[:, 7:].tolist()

@@ -1,0 +1,74 @@
+"""``python -m sa_train generate``: continue a text prompt with a trained checkpoint, streamed to stdout.
+
+The checkpoint alone is enough: it holds the architecture, the weights and the run's tokenizer
+(:mod:`sa_train.checkpoint`). The prompt is preceded by the end-of-text token that separates documents
+in training, so the continuation starts as a fresh document would, and stops at the next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from sa_train.checkpoint import read_checkpoint
+from sa_train.data.tokenizer import eos_token_id
+from sa_train.errors import CheckpointError, ConfigError
+from sa_train.generation import Sampling, stream
+from sa_train.model import SAModel
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sa_train generate", description="Continue a prompt with a trained checkpoint."
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by fit")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"cpu or cuda ({default_device})")
+    return parser
+
+
+def main(argv: Sequence[str]) -> None:
+    """Stream the prompt and its continuation to stdout."""
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import DecodeStream
+
+    args = build_parser().parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: this machine has no CUDA device; use --device cpu.")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    saved = read_checkpoint(args.checkpoint)
+    if saved.tokenizer_json is None:
+        raise CheckpointError(
+            f"{saved.path} holds no tokenizer, so its token ids cannot be turned into text. It was written "
+            "without a data module (or by an older sa_train); use a checkpoint of a `python -m sa_train fit` "
+            "run, which stores the run's tokenizer.json in every checkpoint."
+        )
+    tokenizer = Tokenizer.from_str(saved.tokenizer_json)
+    eos = eos_token_id(tokenizer, str(saved.path))
+    model = SAModel.from_saved(saved).to(args.device)
+    prompt_ids = [eos, *tokenizer.encode(args.prompt).ids]
+    decoder = DecodeStream(skip_special_tokens=True)
+    steps = stream(model, [prompt_ids], args.max_new_tokens, sampling, eos)
+    first = next(steps)  # checks the prompt's length and prefills before anything is printed
+    sys.stdout.write(args.prompt)
+    generated, printed = [], 0
+    for tokens in itertools.chain([first], steps):
+        generated.append(int(tokens[0]))
+        text = decoder.step(tokenizer, generated[-1])
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            printed += len(text)
+    # The stream holds back a trailing partial UTF-8 character; print it as the full decode renders it.
+    sys.stdout.write(tokenizer.decode(generated)[printed:] + "\n")
