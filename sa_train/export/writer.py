@@ -66,13 +66,15 @@ def hf_model(
         SALlamaConfig.register_for_auto_class()
         SALlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         model = SALlamaForCausalLM(SALlamaConfig(**fields, sa_groups=config.groups))
-    missing, unexpected = model.load_state_dict(to_hf_state_dict(state_dict), strict=False)
-    if missing or unexpected:
+    try:
+        model.load_state_dict(to_hf_state_dict(state_dict), strict=True)
+    except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+        problems = " ".join(str(error).split())
         raise CheckpointError(
-            f"{source}: its weights do not match the architecture it declares (missing "
-            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The file was edited or written by "
-            "another version of sa_train; export a checkpoint written by `python -m sa_train fit`."
-        )
+            f"{source}: its weights do not match the architecture it declares ({problems[:300]}). The file "
+            "was edited or written by another version of sa_train; export a checkpoint written by "
+            "`python -m sa_train fit`."
+        ) from error
     model.generation_config = GenerationConfig(**special)
     return model.eval()
 
