@@ -150,6 +150,7 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
     "export": (_tool("export"), "write a checkpoint as a Hugging Face model folder (safetensors, tokenizer)"),
+    "eval": (_tool("eval"), "run lm-evaluation-harness on an exported model folder"),
 }
 
 
