@@ -98,7 +98,7 @@ From `sa_train.cost` (FLOPs per the PaLM convention, element-wise work left out)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{name}"{remote})
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}"{remote})
 ```
 
 Evaluate with lm-evaluation-harness:

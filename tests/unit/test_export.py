@@ -74,7 +74,7 @@ def test_export_loads_in_transformers_with_samodel_logits_and_greedy_text(name, 
     out = export_checkpoint(write_checkpoint(tmp_path / "m.ckpt", model, tokenizer_json), tmp_path / "hf")
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     config = json.loads((out / "config.json").read_text())
     if model.config.is_dense:
         assert type(hf) is transformers.LlamaForCausalLM
@@ -123,7 +123,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path, 
     model = tiny_model("sa-groups-of-2-gqa")
     out = export_checkpoint(write_checkpoint(tmp_path / "m.ckpt", model, tokenizer_json), tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out, padding_side="left")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out, padding_side="left", trust_remote_code=True)
     prompts = ["Now is the winter of our discontent", "Friends"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     assert batch.attention_mask[1, 0] == 0  # the short prompt is padded
@@ -265,3 +265,46 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, tokenizer_json, monkey
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(checkpoint, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_shipped_eval_tasks_are_built_from_the_held_out_works_only():
+    import inspect
+
+    from sa_train.data.datamodule import TokenDataModule
+    from sa_train.export import eval_tasks
+
+    defaults = inspect.signature(TokenDataModule.__init__).parameters
+    assert (
+        defaults["val_fraction"].default,
+        defaults["seed"].default,
+    ) == (eval_tasks.VAL_FRACTION, eval_tasks.SEED)
+    held_out = eval_tasks.held_out_works()
+    texts = {work["id"]: "\n".join(line.strip() for line in work["text"].splitlines()) for work in held_out}
+    assert sorted(texts) == ["henry_v", "tragedy_of_titus_andronicus"]
+
+    for name, records in eval_tasks.build().items():
+        shipped = (eval_tasks.TASKS_DIR / name).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in shipped] == records, (
+            f"{name} is stale: python -m {eval_tasks.__name__}"
+        )
+    ppl = eval_tasks.perplexity_docs(held_out)
+    assert len(ppl) == eval_tasks.PASSAGES and all(
+        len(doc["text"]) <= eval_tasks.PASSAGE_CHARS for doc in ppl
+    )
+    assert all(speech in texts[doc["work"]] for doc in ppl for speech in doc["text"].split("\n\n"))
+    cloze = eval_tasks.cloze_docs(held_out)
+    assert len(cloze) == eval_tasks.CLOZE_ITEMS
+    for item in cloze:
+        assert len(set(item["choices"])) == 4
+        assert f"{item['context']}\n{item['choices'][item['label']]}\n" in texts[item["work"]]
+
+
+def test_eval_rejects_bad_input_in_one_paragraph(tmp_path, capsys):
+    for args, expected in (
+        (["--model", str(tmp_path), "--tasks", "shakespeare_milton_ppl"], "has no config.json"),
+        (["--model", str(tmp_path), "--tasks", " , "], "--tasks is empty"),
+        (["--model", str(tmp_path), "--tasks", "shakespeare_milton_ppl", "--limit", "0"], "--limit=0"),
+    ):
+        assert main(["eval", *args]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
