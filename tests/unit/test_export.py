@@ -87,6 +87,8 @@ def test_export_loads_in_transformers_with_samodel_logits_and_greedy_text(name, 
     ids = torch.randint(0, TINY["vocab_size"], (2, TINY["max_seq_len"]))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+        own_loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        assert hf(ids, labels=ids).loss.item() == pytest.approx(own_loss.item(), rel=1e-5)
 
         prompt = hf_tokenizer("To be, or not to be, that is", return_tensors="pt")
         assert (
@@ -117,6 +119,10 @@ def test_sa_cache_holds_keys_for_anchors_only(tmp_path, tokenizer_json):
         cached += layer.keys.numel() + layer.values.numel()
     vector = model.config.n_kv_heads * model.config.head_dim
     assert cached == length * vector * kv_cache_vectors_per_token(model.config)  # L + #anchors, not 2L
+
+    beams = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    with torch.no_grad():  # beam search reorders and repeats the values-only cache layers
+        assert torch.equal(hf.generate(prompt, **beams), hf.generate(prompt, **beams, use_cache=False))
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path, tokenizer_json):
