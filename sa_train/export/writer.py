@@ -28,13 +28,14 @@ from transformers import (
 from sa_train.checkpoint import read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.data.tokenizer import eos_token_id
-from sa_train.errors import CheckpointError, ConfigError
+from sa_train.errors import CheckpointError, ConfigError, DataError
 from sa_train.export.card import model_card
 from sa_train.export.hf_names import hf_config_fields, to_hf_state_dict
 from sa_train.export.remote.configuration_sa_llama import SALlamaConfig
 from sa_train.export.remote.modeling_sa_llama import SALlamaForCausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The fp32 350M model (1.4 GB) stays one file; larger exports are split into shards of at most this size.
 MAX_SHARD_SIZE = "2GB"
 
 
@@ -82,7 +83,13 @@ def hf_model(
 def hf_tokenizer(tokenizer_json: str, max_length: int, source: Path) -> tuple[PreTrainedTokenizerFast, int]:
     """The run's tokenizer with its end-of-text token as bos, eos and pad; and that token's id."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    eos_id = eos_token_id(tokenizer, str(source))
+    try:
+        eos_id = eos_token_id(tokenizer, str(source))
+    except DataError as error:
+        raise CheckpointError(
+            f"{source}: the tokenizer it holds has no end-of-text token, which an export needs as its bos, "
+            f"eos and pad token ({error})."
+        ) from error
     eos = tokenizer.id_to_token(eos_id)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=eos, eos_token=eos, pad_token=eos, model_max_length=max_length

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models
 
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
@@ -221,6 +221,7 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path, tokenizer_json, capsys):
     foreign = tmp_path / "foreign.ckpt"
     torch.save(model.state_dict(), foreign)
     no_tokenizer = write_checkpoint(tmp_path / "no_tokenizer.ckpt", model, None)
+    no_eos = write_checkpoint(tmp_path / "no_eos.ckpt", model, Tokenizer(models.BPE()).to_str())
     edited = tmp_path / "edited.ckpt"
     checkpoint = torch.load(good, weights_only=True)
     checkpoint["state_dict"]["model.layers.0.attn.q_proj.weight"] = torch.zeros(3, 3)
@@ -230,6 +231,7 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path, tokenizer_json, capsys):
         truncated: "cannot be read as a checkpoint",
         foreign: "is not a sa_train checkpoint",
         no_tokenizer: "holds no tokenizer",
+        no_eos: "has no end-of-text token",
         edited: "q_proj",
     }
     for path, expected in cases.items():
