@@ -9,8 +9,9 @@ never saw. Two tasks (``sa_train/export/tasks/``):
 - ``shakespeare_milton_cloze``: the next line of a speech after its speaker and first three lines,
   against three lines of similar length from elsewhere in the held-out works (accuracy; chance 0.25).
 
-The data files are built here, deterministically; ``python -m sa_train.export.eval_tasks`` rewrites
-them and a test checks that the shipped files equal what this module builds.
+The data files are built here, deterministically, from the corpus of a source checkout;
+``python -m sa_train.export.eval_tasks`` rewrites them and a test checks that the shipped files equal
+what this module builds. Installed packages carry the files, not the corpus.
 """
 
 from __future__ import annotations
