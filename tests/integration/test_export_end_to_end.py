@@ -1,4 +1,7 @@
-"""Export and lm-eval end to end: fit -> export -> load without sa_train -> eval, all offline."""
+"""Export and lm-eval end to end: fit -> export -> load without sa_train -> eval, all offline.
+
+(Not test_export.py: pytest cannot collect two test modules of one name from folders without __init__.py.)
+"""
 
 from __future__ import annotations
 
