@@ -125,7 +125,7 @@ def export_checkpoint(
     ``dtype`` (fp32, bf16, fp16) is the type of the saved weights. Raises CheckpointError for a bad
     checkpoint and ConfigError for an unusable output folder, before anything is written.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), Path(out).absolute()  # "." has no name for the temporary folder
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     check_output_folder(out, checkpoint, overwrite)
