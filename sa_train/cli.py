@@ -315,6 +315,8 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
     "generate": (_tool("generate"), "continue a prompt with a checkpoint, streamed to stdout"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
+    "export": (_tool("export"), "write a checkpoint as a Hugging Face model folder (safetensors, tokenizer)"),
+    "eval": (_tool("eval"), "run lm-evaluation-harness on an exported model folder"),
     "bench": (_tool("bench"), "training, decode and data speed of SA beside its dense twin and HF Llama"),
 }
 

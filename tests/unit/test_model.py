@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sa_train import SAConfig, SAModel
 from sa_train.errors import ConfigError
+from sa_train.export.hf_names import to_hf_state_dict
 
 TINY = dict(vocab_size=101, d_model=64, n_layers=4, max_seq_len=32)
 
@@ -34,23 +35,7 @@ def hf_llama_from(model: SAModel):
             attn_implementation="eager",
         )
     )
-    renames = {
-        "embed.": "model.embed_tokens.",
-        "layers.": "model.layers.",
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
-        ".attn.": ".self_attn.",
-        "norm.weight": "model.norm.weight",
-    }
-    state = {}
-    for name, tensor in model.state_dict().items():
-        hf_name = name
-        for old, new in renames.items():
-            if old == "norm.weight" and not name.startswith("norm."):
-                continue
-            hf_name = hf_name.replace(old, new)
-        state[hf_name] = tensor
-    hf.load_state_dict(state, strict=True)
+    hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=True)
     return hf.eval()
 
 

@@ -1,0 +1,151 @@
+"""Write a sa_train checkpoint as a Hugging Face model folder.
+
+A dense model becomes a plain ``LlamaForCausalLM``; an SA model becomes ``SALlamaForCausalLM``, whose
+configuration and modeling files (``sa_train/export/remote/``) transformers' ``save_pretrained`` copies
+into the folder with an ``auto_map``, so ``trust_remote_code=True`` loads it without sa_train. Weights
+go through ``save_pretrained`` as safetensors (sharded above ``max_shard_size``), the tokenizer through
+``PreTrainedTokenizerFast``: nothing is pickled. Everything is written to a temporary folder beside the
+output, which is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from sa_train.checkpoint import read_checkpoint
+from sa_train.config import SAConfig
+from sa_train.data.tokenizer import eos_token_id
+from sa_train.errors import CheckpointError, ConfigError, DataError
+from sa_train.export.card import model_card
+from sa_train.export.hf_names import hf_config_fields, to_hf_state_dict
+from sa_train.export.remote.configuration_sa_llama import SALlamaConfig
+from sa_train.export.remote.modeling_sa_llama import SALlamaForCausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The fp32 350M model (1.4 GB) stays one file; larger exports are split into shards of at most this size.
+MAX_SHARD_SIZE = "2GB"
+
+
+def check_output_folder(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse a file, a non-empty folder without ``overwrite``, and a folder that holds the checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give the path of a folder to create for the export.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out: the folder {out} exists and is not empty. Choose a new folder, or pass --overwrite to "
+            "replace its contents with the export."
+        )
+    if out.is_dir() and checkpoint.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(
+            f"--out: {out} holds the checkpoint {checkpoint}, which replacing the folder would delete; "
+            "export to another folder."
+        )
+
+
+def hf_model(
+    config: SAConfig, state_dict: dict[str, torch.Tensor], eos_id: int, source: Path
+) -> PreTrainedModel:
+    """The transformers model holding ``state_dict``: LlamaForCausalLM if dense, SALlamaForCausalLM if not."""
+    special = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    fields = {**hf_config_fields(config), **special}
+    if config.is_dense:
+        model: PreTrainedModel = LlamaForCausalLM(LlamaConfig(**fields))
+    else:
+        SALlamaConfig.register_for_auto_class()
+        SALlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        model = SALlamaForCausalLM(SALlamaConfig(**fields, sa_groups=config.groups))
+    try:
+        model.load_state_dict(to_hf_state_dict(state_dict), strict=True)
+    except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+        problems = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{source}: its weights do not match the architecture it declares ({problems[:300]}). The file "
+            "was edited or written by another version of sa_train; export a checkpoint written by "
+            "`python -m sa_train fit`."
+        ) from error
+    model.generation_config = GenerationConfig(**special)
+    return model.eval()
+
+
+def hf_tokenizer(tokenizer_json: str, max_length: int, source: Path) -> tuple[PreTrainedTokenizerFast, int]:
+    """The run's tokenizer with its end-of-text token as bos, eos and pad; and that token's id."""
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    try:
+        eos_id = eos_token_id(tokenizer, str(source))
+    except DataError as error:
+        raise CheckpointError(
+            f"{source}: the tokenizer it holds has no end-of-text token, which an export needs as its bos, "
+            f"eos and pad token ({error})."
+        ) from error
+    eos = tokenizer.id_to_token(eos_id)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=eos, eos_token=eos, pad_token=eos, model_max_length=max_length
+    )
+    return wrapped, eos_id
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``; a previous ``out`` is moved aside first, removed after."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
+) -> Path:
+    """Write ``checkpoint`` as a Hugging Face model folder at ``out``; returns ``out``.
+
+    ``dtype`` (fp32, bf16, fp16) is the type of the saved weights. Raises CheckpointError for a bad
+    checkpoint and ConfigError for an unusable output folder, before anything is written.
+    """
+    checkpoint, out = Path(checkpoint), Path(out).absolute()  # "." has no name for the temporary folder
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    check_output_folder(out, checkpoint, overwrite)
+    saved = read_checkpoint(checkpoint)
+    if saved.tokenizer_json is None:
+        raise CheckpointError(
+            f"{checkpoint} holds no tokenizer (it was written without a data module), and an export needs "
+            "one. Export a checkpoint of a run of `python -m sa_train fit --config ...`."
+        )
+    tokenizer, eos_id = hf_tokenizer(saved.tokenizer_json, saved.config.max_seq_len, checkpoint)
+    model = hf_model(saved.config, saved.state_dict, eos_id, checkpoint).to(DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        card = model_card(saved.config, out.name, checkpoint.name, saved.global_step, dtype)
+        card.save(staging / "README.md")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

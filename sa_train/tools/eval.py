@@ -1,0 +1,94 @@
+"""``python -m sa_train eval --model DIR --tasks T1,T2``: lm-evaluation-harness on an exported model.
+
+Runs lm-eval's ``hf`` model on a folder written by ``export`` (remote code trusted only when the folder
+ships it, i.e. for SA models), with sa_train's offline tasks (``sa_train/export/tasks/``) available
+beside lm-eval's own, and writes lm-eval's results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sa_train.errors import ConfigError
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "export" / "tasks"
+
+
+def _model_args(model: Path) -> dict[str, Any]:
+    config_file = model / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"--model: {model} is not a Hugging Face model folder (it has no config.json). Export a "
+            "checkpoint first: python -m sa_train export --checkpoint CKPT --out DIR, then pass --model DIR."
+        )
+    remote_code = "auto_map" in json.loads(config_file.read_text(encoding="utf-8"))
+    return {"pretrained": str(model), "trust_remote_code": remote_code}
+
+
+def evaluate(
+    model: Path, tasks: list[str], limit: int | None, batch_size: int, device: str
+) -> dict[str, Any]:
+    """lm-eval's results dict (without per-sample logs) for ``tasks`` on the exported ``model``."""
+    model_args = _model_args(model)
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as error:
+        raise ConfigError(
+            f"eval needs lm-evaluation-harness ({error}); install it with `pip install -e '.[eval]'`."
+        ) from error
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    if not set(tasks) <= set(task_manager.all_tasks):
+        # Indexing lm-eval's own ~15k task files takes ~10 s here: only when a task is not sa_train's.
+        task_manager = TaskManager(include_path=str(TASKS_DIR))
+    unknown = [task for task in tasks if task not in task_manager.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"--tasks: lm-eval knows no task {', '.join(unknown)}. sa_train ships shakespeare_milton_ppl and "
+            "shakespeare_milton_cloze (offline); `lm_eval ls tasks` lists lm-eval's own."
+        )
+    return simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=tasks,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        task_manager=task_manager,
+        log_samples=False,
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sa_train eval",
+        description="Run lm-evaluation-harness on an exported model folder and write its results as JSON.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a folder written by `export`")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (1)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu)")
+    parser.add_argument("--out", type=Path, help="results JSON (default: <model folder>.eval.json beside it)")
+    args = parser.parse_args(argv)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise ConfigError("--tasks is empty; name lm-eval tasks, e.g. shakespeare_milton_ppl.")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit={args.limit} must be a positive number of documents per task.")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be a positive integer.")
+    results = evaluate(args.model, tasks, args.limit, args.batch_size, args.device)
+
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    out = args.out or args.model.with_name(f"{args.model.name}.eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=handle_non_serializable), encoding="utf-8")
+    print(make_table(results))
+    print(f"results written to {out}")

@@ -1,0 +1,36 @@
+"""``python -m sa_train export --checkpoint CKPT --out DIR``: a checkpoint as a Hugging Face model folder.
+
+Dense models load as ``LlamaForCausalLM``; SA models as remote code (``trust_remote_code=True``). See
+:mod:`sa_train.export.writer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from sa_train.errors import ConfigError
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sa_train export",
+        description="Write a checkpoint as a Hugging Face model folder (safetensors, tokenizer, model card).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by fit")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to create")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="type of the saved weights (fp32)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    args = parser.parse_args(argv)
+    try:
+        from sa_train.export.writer import export_checkpoint
+    except ModuleNotFoundError as error:
+        raise ConfigError(
+            f"export needs the transformers package ({error}); install it with `pip install -e '.[eval]'`."
+        ) from error
+    out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.overwrite)
+    print(f"exported {args.checkpoint} to {out}")
