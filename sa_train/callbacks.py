@@ -13,11 +13,14 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from sa_train.cache import KVCache
 from sa_train.checkpoint import atomic_hardlink, remove_stale_temp_files
 from sa_train.cost import cost_report, training_flops_per_token
 from sa_train.errors import ConfigError
+from sa_train.model import SAModel
 
 # Stand-ins formatted into the filename template to find the step checkpoints it names.
 _EPOCH_MARK, _STEP_MARK = 987654321, 123456789
@@ -226,12 +229,40 @@ class TrainingThroughput(L.Callback):
 
 
 class InferenceCost(L.Callback):
-    """Logs at fit start what the architecture costs to serve and to train, beside its dense twin.
+    """What the architecture costs to serve, beside its dense twin: analytic at fit start, measured at
+    every validation end.
 
-    Metrics (step 0): ``cost/kv_bytes_per_token``, ``cost/kv_vs_dense`` ((L + anchors) / 2L),
+    At fit start (step 0): ``cost/kv_bytes_per_token``, ``cost/kv_vs_dense`` ((L + anchors) / 2L),
     ``cost/decode_flops_per_token``, ``cost/decode_flops_vs_dense``, ``cost/train_flops_per_token``,
     ``cost/train_flops_vs_dense`` and ``cost/params``; the same line goes to the console once.
+    At each validation end: greedy decoding of a fixed random batch through the model's KV cache,
+    ``cost/decode_tokens_per_sec`` (new tokens, prefill excluded), ``cost/prefill_ms`` and
+    ``cost/kv_cache_bytes`` (the bytes the cache holds for that batch).
+
+    Args:
+        measure: Time decoding at each validation end (False: analytic figures only).
+        batch_size: Rows of the timed batch.
+        prompt_len: Prompt tokens per row (capped so prompt and new tokens fit the model's context).
+        new_tokens: Tokens generated per row.
     """
+
+    def __init__(
+        self, measure: bool = True, batch_size: int = 4, prompt_len: int = 64, new_tokens: int = 32
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("batch_size", batch_size),
+            ("prompt_len", prompt_len),
+            ("new_tokens", new_tokens),
+        ):
+            if value < 1:
+                raise ConfigError(f"InferenceCost {name}={value} must be at least 1.")
+        self.measure, self.batch_size, self.prompt_len, self.new_tokens = (
+            measure,
+            batch_size,
+            prompt_len,
+            new_tokens,
+        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         config = pl_module.config
@@ -261,6 +292,56 @@ class InferenceCost(L.Callback):
             f"decode {metrics['cost/decode_flops_vs_dense']:.3f} and training "
             f"{metrics['cost/train_flops_vs_dense']:.3f} of the dense twin's FLOPs per token."
         )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.measure or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            return  # the weights may be sharded across ranks (ZeRO-3); a lone rank cannot decode
+        with trainer.precision_plugin.forward_context():
+            metrics = measure_decode(pl_module.model, self.batch_size, self.prompt_len, self.new_tokens)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Prefill latency, decode tokens/s and KV-cache bytes of greedy decoding on a fixed random batch."""
+    config = model.config
+    new_tokens = min(new_tokens, config.max_seq_len - 1)
+    prompt_len = max(1, min(prompt_len, config.max_seq_len - new_tokens))
+    weight = model.embed.weight
+    device = weight.device
+    ids = torch.randint(
+        0, config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            cache = KVCache(config, batch_size, prompt_len + new_tokens, weight.dtype, device)
+            _synchronize(device)
+            start = time.perf_counter()
+            tokens = model.prefill(ids.to(device), [prompt_len] * batch_size, cache).argmax(-1)
+            _synchronize(device)
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                tokens = model.decode_step(tokens, cache).argmax(-1)
+                cache.advance()
+            _synchronize(device)
+            decode = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    return {
+        "cost/prefill_ms": prefill * 1e3,
+        "cost/decode_tokens_per_sec": batch_size * new_tokens / decode,
+        "cost/kv_cache_bytes": float(sum(t.numel() * t.element_size() for t in cache.tensors())),
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class StepProgressBar(TQDMProgressBar):

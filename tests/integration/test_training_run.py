@@ -113,9 +113,19 @@ def test_fit_logs_perplexity_cost_and_throughput_to_csv_and_offline_wandb(tmp_pa
     assert metrics(tmp_path, "cost/kv_vs_dense") == [(4 + 2) / (2 * 4)]  # 4 layers, groups of 2
     assert all(rate > 0 for rate in metrics(tmp_path, "train/tokens_per_sec"))
     assert all(0 < mfu < 1 for mfu in metrics(tmp_path, "train/mfu"))
+    assert len(metrics(tmp_path, "cost/decode_tokens_per_sec")) == 2  # at each validation end
+    # 4 rows of 32 prompt + 32 new tokens; 6 vectors of 2 kv heads x 16 per token, fp32
+    assert metrics(tmp_path, "cost/kv_cache_bytes") == [4 * 64 * 6 * 2 * 16 * 4] * 2
     (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     recorded = wandb_run.read_bytes()
-    for key in (b"val/ppl", b"cost/kv_vs_dense", b"train/tokens_per_sec", b"train/mfu", b"train/loss"):
+    for key in (
+        b"val/ppl",
+        b"cost/kv_vs_dense",
+        b"cost/decode_tokens_per_sec",
+        b"train/tokens_per_sec",
+        b"train/mfu",
+        b"train/loss",
+    ):
         assert key in recorded, key
 
 

@@ -8,8 +8,15 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from sa_train import SAConfig
-from sa_train.callbacks import StepProgressBar, TrainingThroughput, compute_dtype, measure_matmul_flops
+from sa_train import SAConfig, SAModel
+from sa_train.callbacks import (
+    StepProgressBar,
+    TrainingThroughput,
+    compute_dtype,
+    measure_decode,
+    measure_matmul_flops,
+)
+from sa_train.cost import kv_cache_bytes_per_token
 from sa_train.errors import ConfigError
 from sa_train.training import CausalLM
 
@@ -60,3 +67,12 @@ def test_throughput_settings_and_peaks():
     assert compute_dtype("bf16-mixed") == torch.bfloat16 and compute_dtype("16-mixed") == torch.float16
     assert compute_dtype("32-true") == torch.float32
     assert measure_matmul_flops(size=128, repeats=2) > 1e6
+
+
+def test_measured_decode_holds_exactly_the_sa_cache():
+    model = SAModel(CONFIG)  # 2 layers in one group: 1 key + 2 values per token
+    metrics = measure_decode(model, batch_size=3, prompt_len=5, new_tokens=2)
+    assert metrics["cost/kv_cache_bytes"] == 3 * (5 + 2) * kv_cache_bytes_per_token(CONFIG, 4)
+    assert kv_cache_bytes_per_token(CONFIG, 4) == (2 + 1) * 2 * 16 * 4
+    assert metrics["cost/decode_tokens_per_sec"] > 0 and metrics["cost/prefill_ms"] > 0
+    assert model.training  # restored
