@@ -8,8 +8,8 @@ import lightning as L
 
 from sa_train.data.dataset import PackedTokenDataset
 from sa_train.data.loader import EpochBatchSampler, ResumableLoader
-from sa_train.data.shards import CorpusSpec, ShardCache, ensure_cache
-from sa_train.data.sources import check_val_fraction
+from sa_train.data.shards import SPLITS, CorpusSpec, ShardCache, ensure_cache
+from sa_train.data.sources import check_held_out_fractions
 from sa_train.data.tokenizer import check_tokenizer_path, load_tokenizer
 from sa_train.errors import DataError
 
@@ -33,8 +33,9 @@ class TokenDataModule(L.LightningDataModule):
         vocab_size: Vocabulary size of the trained BPE, including the 256 bytes and ``<|endoftext|>``.
         seq_len: Tokens per training sample (the model's context length).
         batch_size: Samples per batch on each device.
-        val_fraction: Share of documents held out for validation (at least one when there are two or more).
-        seed: Seed of the train/val document split and of the per-epoch shuffling.
+        val_fraction: Share of documents held out for validation (``fit`` and ``validate``; at least one).
+        test_fraction: Share of documents held out for ``test`` only (at least one), never seen by ``fit``.
+        seed: Seed of the train/val/test document split and of the per-epoch shuffling.
         cache_dir: Folder for the tokenised shards and the tokenizer, one subfolder per distinct setting.
         num_proc: Tokenisation processes; None picks min(CPU count, 8), fewer for small corpora.
         num_workers: DataLoader worker processes per device (0 reads batches in the training process).
@@ -50,6 +51,7 @@ class TokenDataModule(L.LightningDataModule):
         seq_len: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
         seed: int = 1234,
         cache_dir: str = ".cache/sa_train",
         num_proc: int | None = None,
@@ -61,7 +63,7 @@ class TokenDataModule(L.LightningDataModule):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if value < 1:
                 raise DataError(f"data.{name} must be a positive integer, got {value}.")
-        check_val_fraction(val_fraction)
+        check_held_out_fractions(val_fraction, test_fraction)
         if num_workers < 0:
             raise DataError(f"data.num_workers must be 0 or more, got {num_workers}.")
         if num_proc is not None and num_proc < 1:
@@ -75,6 +77,7 @@ class TokenDataModule(L.LightningDataModule):
             tokenizer=tokenizer,
             vocab_size=vocab_size,
             val_fraction=val_fraction,
+            test_fraction=test_fraction,
             seed=seed,
             hub_split=hub_split,
         )
@@ -108,6 +111,7 @@ class TokenDataModule(L.LightningDataModule):
             f"Token cache {'written to' if built else 'found at'} {cache.folder}: "
             f"train {cache.train_tokens:,} tokens ({cache.train_docs} documents), "
             f"val {cache.val_tokens:,} tokens ({cache.val_docs} documents), "
+            f"test {cache.test_tokens:,} tokens ({cache.test_docs} documents), "
             f"vocabulary {cache.vocab_size} ({cache.dtype})."
         )
 
@@ -118,18 +122,18 @@ class TokenDataModule(L.LightningDataModule):
             split: PackedTokenDataset(
                 cache.shard_path(split), cache.dtype, cache.num_tokens(split), self.seq_len
             )
-            for split in ("train", "val")
+            for split in SPLITS
         }
 
     def _check_fits(self, cache: ShardCache) -> None:
         """Both splits must hold at least one sample of ``seq_len + 1`` tokens."""
-        for split in ("train", "val"):
+        for split in SPLITS:
             tokens = cache.num_tokens(split)
             if tokens <= self.seq_len:
                 raise DataError(
                     f"data.seq_len={self.seq_len} is too long for the {split} split, which has only {tokens} "
-                    "tokens; one sample needs seq_len + 1 tokens. Lower data.seq_len, use a larger corpus "
-                    "in data.source, or change data.val_fraction so both splits get enough text."
+                    "tokens; one sample needs seq_len + 1 tokens. Lower data.seq_len, use a larger corpus in "
+                    "data.source, or raise data.val_fraction / data.test_fraction so each split has enough."
                 )
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -159,8 +163,8 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> ResumableLoader:
-        """The held-out documents again: the corpus is split in two, so ``test`` reports on the val split."""
-        return self._loader("val", shuffle=False)
+        """All test samples in order: documents that neither training nor validation ever read."""
+        return self._loader("test", shuffle=False)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches as they enter the training step; this is the position checkpoints store."""

@@ -46,9 +46,9 @@ LOCK_FILE = ".build.lock"
 HF_WORK_DIR = "hf"
 # Every temp file of a build ends in this marker plus the writer's pid, e.g. ``train.bin.tmp1234``.
 TMP_MARKER = ".tmp"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 # Bump when the shard layout, manifest or tokenisation rules change, so old caches are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Below this many documents per process, forking costs more than it saves (the Rust encoder is threaded).
 _DOCS_PER_PROCESS = 256
 
@@ -64,8 +64,10 @@ class ShardCache:
     tokenizer_sha256: str
     train_tokens: int
     val_tokens: int
+    test_tokens: int
     train_docs: int
     val_docs: int
+    test_docs: int
     shard_sha256: dict[str, str]
     format_version: int = FORMAT_VERSION
 
@@ -77,7 +79,7 @@ class ShardCache:
         return os.path.join(self.folder, f"{split}.bin")
 
     def num_tokens(self, split: str) -> int:
-        return self.train_tokens if split == "train" else self.val_tokens
+        return {"train": self.train_tokens, "val": self.val_tokens, "test": self.test_tokens}[split]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -94,6 +96,7 @@ class CorpusSpec:
     tokenizer: str | None
     vocab_size: int
     val_fraction: float
+    test_fraction: float
     seed: int
     hub_split: str
 
@@ -106,6 +109,7 @@ class CorpusSpec:
             "tokenizer": file_sha256(check_tokenizer_path(self.tokenizer)) if self.tokenizer else None,
             "vocab_size": None if self.tokenizer else self.vocab_size,
             "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
             "seed": self.seed,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -234,20 +238,21 @@ def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCac
     docs = sources.load_documents(
         spec.source, spec.text_field, spec.hub_split, os.path.join(folder, HF_WORK_DIR)
     )
-    train_docs, val_docs = sources.split_documents(docs, spec.val_fraction, spec.seed)
+    parts = sources.split_documents(docs, spec.val_fraction, spec.test_fraction, spec.seed)
+    splits = dict(zip(SPLITS, parts, strict=True))
     if spec.tokenizer:
         user_path = check_tokenizer_path(spec.tokenizer)
         tok = load_tokenizer(user_path)
         eos_id = eos_token_id(tok, user_path)
     else:
-        tok = train_bpe(train_docs, spec.vocab_size)
+        tok = train_bpe(splits["train"], spec.vocab_size)
         eos_id = eos_token_id(tok, "the trained tokenizer")
     tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
     _atomic_write_text(tokenizer_path, tok.to_str())
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
     counts, digests = {}, {}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+    for split, split_docs in splits.items():
         encoded = _tokenise_split(split_docs, split, tok, eos_id, num_proc)
         counts[split] = pc.sum(encoded.data.column("length")).as_py() or 0
         digests[split] = _write_shard(
@@ -261,8 +266,10 @@ def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCac
         tokenizer_sha256=file_sha256(tokenizer_path),
         train_tokens=counts["train"],
         val_tokens=counts["val"],
-        train_docs=len(train_docs),
-        val_docs=len(val_docs),
+        test_tokens=counts["test"],
+        train_docs=len(splits["train"]),
+        val_docs=len(splits["val"]),
+        test_docs=len(splits["test"]),
         shard_sha256=digests,
     )
     shutil.rmtree(os.path.join(folder, HF_WORK_DIR), ignore_errors=True)

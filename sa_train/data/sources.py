@@ -168,31 +168,42 @@ def load_documents(
     return ds
 
 
-def check_val_fraction(val_fraction: float) -> None:
-    """Reject fractions that cannot give both a train and a val document."""
-    if not 0.0 < val_fraction < 1.0:
+def check_held_out_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Reject fractions that cannot leave train, val and test documents."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DataError(
+                f"data.{name} must lie strictly between 0 and 1 (the share of documents held out for "
+                f"{name.split('_')[0]}), got {value}. A typical value is 0.05."
+            )
+    if val_fraction + test_fraction >= 1.0:
         raise DataError(
-            f"data.val_fraction must lie strictly between 0 and 1 (the share of documents held out for "
-            f"validation), got {val_fraction}. A typical value is 0.05."
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} hold out every "
+            "document; together they must stay below 1 so the train split keeps some (e.g. 0.05 each)."
         )
 
 
 def split_documents(
-    ds: datasets.Dataset, val_fraction: float, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split by document, deterministically from ``seed``: no document contributes to both splits.
+    ds: datasets.Dataset, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+    """Split by document into train, val and test, deterministically from ``seed``; no document is in two.
 
-    The val split gets ``round(n * val_fraction)`` documents, at least one and at most ``n - 1``.
+    Val gets ``round(n * val_fraction)`` documents and test ``round(n * test_fraction)``, each at least
+    one; val is drawn first from the seeded permutation, so adding the test split kept the val documents
+    of earlier versions (and the evaluation tasks built from them) unchanged.
     """
-    check_val_fraction(val_fraction)
+    check_held_out_fractions(val_fraction, test_fraction)
     n = len(ds)
-    if n < 2:
+    if n < 3:
         raise DataError(
-            "data.source: the corpus has a single document, but the train/val split is by document and needs "
-            "at least two. Split the text into several files (one document per .txt file) or jsonl lines."
+            f"data.source: the corpus has {n} document(s), but the train/val/test split is by document and "
+            "needs at least three. Split the text into several files (one document per .txt file) or jsonl "
+            "lines."
         )
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    n_val = min(n - 2, max(1, round(n * val_fraction)))
+    n_test = min(n - 1 - n_val, max(1, round(n * test_fraction)))
     order = np.random.default_rng(seed).permutation(n)
     val_idx = np.sort(order[:n_val])
-    train_idx = np.sort(order[n_val:])
-    return ds.select(train_idx), ds.select(val_idx)
+    test_idx = np.sort(order[n_val : n_val + n_test])
+    train_idx = np.sort(order[n_val + n_test :])
+    return ds.select(train_idx), ds.select(val_idx), ds.select(test_idx)

@@ -93,20 +93,26 @@ def test_prepare_reports_and_exposes_tokenizer(prepared: tuple[TokenDataModule, 
 
 def test_documents_end_with_eos_and_split_by_document(prepared: tuple[TokenDataModule, list[str]]) -> None:
     dm, texts = prepared
-    train, val = _documents_in(dm, "train"), _documents_in(dm, "val")
-    assert len(val) == 2  # round(40 * 0.05)
-    assert not set(train) & set(val)
-    assert sorted(train + val) == sorted(texts)
+    train, val, test = (_documents_in(dm, split) for split in ("train", "val", "test"))
+    assert len(val) == len(test) == 2  # round(40 * 0.05) each
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert sorted(train + val + test) == sorted(texts)
 
 
 def test_split_is_deterministic_from_seed() -> None:
     import datasets
 
     ds = datasets.Dataset.from_dict({"text": _docs(100)})
-    val_a = sources.split_documents(ds, 0.2, seed=1)[1]["text"]
-    assert val_a == sources.split_documents(ds, 0.2, seed=1)[1]["text"]
-    assert val_a != sources.split_documents(ds, 0.2, seed=2)[1]["text"]
-    assert len(sources.split_documents(ds.select(range(2)), 0.01, seed=0)[1]) == 1  # at least one val doc
+    val_a = sources.split_documents(ds, 0.2, 0.1, seed=1)[1]["text"]
+    assert val_a == sources.split_documents(ds, 0.2, 0.1, seed=1)[1]["text"]
+    assert val_a != sources.split_documents(ds, 0.2, 0.1, seed=2)[1]["text"]
+    # adding the test split left the val documents of the two-way split unchanged (first of one permutation)
+    order = np.random.default_rng(1).permutation(100)
+    assert val_a == [ds[int(i)]["text"] for i in sorted(order[:20])]
+    three = sources.split_documents(ds.select(range(3)), 0.01, 0.01, seed=0)
+    assert [len(part) for part in three] == [1, 1, 1]  # at least one val and one test doc
+    with pytest.raises(DataError, match=r"data\.test_fraction"):
+        sources.split_documents(ds, 0.5, 0.5, seed=0)
 
 
 def test_packing_targets_are_inputs_shifted(prepared: tuple[TokenDataModule, list[str]]) -> None:
@@ -209,6 +215,7 @@ def test_a_killed_builds_leftovers_are_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [
         shards.LOCK_FILE,
         "manifest.json",
+        "test.bin",
         "tokenizer.json",
         "train.bin",
         "val.bin",
@@ -390,7 +397,7 @@ def test_corpus_too_small_for_seq_len(tmp_path: Path) -> None:
 
 def test_single_document_cannot_be_split(tmp_path: Path) -> None:
     (tmp_path / "book.txt").write_text(_docs(1)[0])
-    with pytest.raises(DataError, match="single document"):
+    with pytest.raises(DataError, match="has 1 document"):
         _dm(tmp_path, str(tmp_path / "book.txt")).prepare_data()
 
 
@@ -434,6 +441,6 @@ def test_shipped_corpus(tmp_path: Path) -> None:
     dm.prepare_data()
     dm.setup()
     assert time.perf_counter() - start < 60
-    assert dm.cache.train_docs + dm.cache.val_docs == 49
+    assert (dm.cache.train_docs, dm.cache.val_docs, dm.cache.test_docs) == (45, 2, 2)
     assert dm.tokenizer_vocab_size == 4096 and dm.cache.dtype == "uint16"
-    assert dm.train_tokens > 1_500_000 and dm.val_tokens > dm.hparams.seq_len
+    assert dm.train_tokens > 1_500_000 and min(dm.val_tokens, dm.cache.test_tokens) > dm.hparams.seq_len
