@@ -40,6 +40,10 @@ class TokenDataModule(L.LightningDataModule):
         num_proc: Tokenisation processes; None picks min(CPU count, 8), fewer for small corpora.
         num_workers: DataLoader worker processes per device (0 reads batches in the training process).
         hub_split: Split to read when ``source`` names a hub dataset.
+        hub_subset: Subset (configuration) of a hub dataset, e.g. ``sample-10BT`` of fineweb-edu.
+        tokenizer_docs: Train the BPE on the first this-many training documents (None: all of them). A
+            BPE learns its merges from a sample as well as from the whole of a large corpus, in minutes
+            instead of hours.
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class TokenDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         num_workers: int = 0,
         hub_split: str = "train",
+        hub_subset: str | None = None,
+        tokenizer_docs: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -64,6 +70,10 @@ class TokenDataModule(L.LightningDataModule):
             if value < 1:
                 raise DataError(f"data.{name} must be a positive integer, got {value}.")
         check_held_out_fractions(val_fraction, test_fraction)
+        if tokenizer_docs is not None and tokenizer_docs < 1:
+            raise DataError(
+                f"data.tokenizer_docs must be a positive number of documents or null, got {tokenizer_docs}."
+            )
         if num_workers < 0:
             raise DataError(f"data.num_workers must be 0 or more, got {num_workers}.")
         if num_proc is not None and num_proc < 1:
@@ -80,6 +90,8 @@ class TokenDataModule(L.LightningDataModule):
             test_fraction=test_fraction,
             seed=seed,
             hub_split=hub_split,
+            hub_subset=hub_subset,
+            tokenizer_docs=tokenizer_docs,
         )
         self.seq_len = seq_len
         self.batch_size = batch_size

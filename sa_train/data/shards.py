@@ -99,12 +99,15 @@ class CorpusSpec:
     test_fraction: float
     seed: int
     hub_split: str
+    hub_subset: str | None = None
+    tokenizer_docs: int | None = None
 
     def key(self) -> str:
         """Hash naming the cache folder: file fingerprints (path, size, mtime) or hub name, and settings."""
         parts = {
             "format": FORMAT_VERSION,
-            "source": sources.source_fingerprint(self.source, self.hub_split),
+            "source": sources.source_fingerprint(self.source, self.hub_split, self.hub_subset),
+            "tokenizer_docs": None if self.tokenizer else self.tokenizer_docs,
             "text_field": self.text_field,
             "tokenizer": file_sha256(check_tokenizer_path(self.tokenizer)) if self.tokenizer else None,
             "vocab_size": None if self.tokenizer else self.vocab_size,
@@ -236,7 +239,7 @@ def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCac
     if os.path.exists(manifest_path):
         os.remove(manifest_path)
     docs = sources.load_documents(
-        spec.source, spec.text_field, spec.hub_split, os.path.join(folder, HF_WORK_DIR)
+        spec.source, spec.text_field, spec.hub_split, os.path.join(folder, HF_WORK_DIR), spec.hub_subset
     )
     parts = sources.split_documents(docs, spec.val_fraction, spec.test_fraction, spec.seed)
     splits = dict(zip(SPLITS, parts, strict=True))
@@ -245,7 +248,10 @@ def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCac
         tok = load_tokenizer(user_path)
         eos_id = eos_token_id(tok, user_path)
     else:
-        tok = train_bpe(splits["train"], spec.vocab_size)
+        sample = splits["train"]
+        if spec.tokenizer_docs is not None and spec.tokenizer_docs < len(sample):
+            sample = sample.select(range(spec.tokenizer_docs))
+        tok = train_bpe(sample, spec.vocab_size)
         eos_id = eos_token_id(tok, "the trained tokenizer")
     tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
     _atomic_write_text(tokenizer_path, tok.to_str())

@@ -82,10 +82,10 @@ def resolve_files(source: str | list[str]) -> list[str]:
     return files
 
 
-def source_fingerprint(source: str | list[str], hub_split: str) -> str:
+def source_fingerprint(source: str | list[str], hub_split: str, hub_subset: str | None = None) -> str:
     """A string that changes when the corpus may have: file paths, sizes and mtimes, or the hub name."""
     if is_hub_source(source):
-        return json.dumps({"hub": source, "split": hub_split})
+        return json.dumps({"hub": source, "subset": hub_subset, "split": hub_split})
     entries = []
     for path in resolve_files(source):
         stat = os.stat(path)
@@ -134,24 +134,25 @@ def _load_local(files: list[str], text_field: str, hf_cache: str) -> datasets.Da
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _load_hub(name: str, text_field: str, split: str) -> datasets.Dataset:
+def _load_hub(name: str, text_field: str, split: str, subset: str | None) -> datasets.Dataset:
+    """A hub dataset, downloaded into (or read from) the Hugging Face cache."""
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:
         raise DataError(
             f"data.source: {name!r} is neither an existing local path nor a loadable hub dataset "
-            f"(split data.hub_split={split!r}): {exc}. Fix the path, or make the dataset available offline "
-            "in the Hugging Face cache."
+            f"(subset data.hub_subset={subset!r}, split data.hub_split={split!r}): {exc}. Fix the path or "
+            "the names, or make the dataset available offline in the Hugging Face cache."
         ) from exc
     return _select_text(ds, text_field, f"the hub dataset {name!r}")
 
 
 def load_documents(
-    source: str | list[str], text_field: str, hub_split: str, hf_cache: str
+    source: str | list[str], text_field: str, hub_split: str, hf_cache: str, hub_subset: str | None = None
 ) -> datasets.Dataset:
     """Load the corpus as a ``text``-only dataset minus empty documents; :class:`DataError` if none remain."""
     if is_hub_source(source):
-        ds = _load_hub(source, text_field, hub_split)
+        ds = _load_hub(source, text_field, hub_split, hub_subset)
     else:
         ds = _load_local(resolve_files(source), text_field, hf_cache)
     ds = ds.filter(

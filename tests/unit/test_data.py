@@ -444,3 +444,40 @@ def test_shipped_corpus(tmp_path: Path) -> None:
     assert (dm.cache.train_docs, dm.cache.val_docs, dm.cache.test_docs) == (45, 2, 2)
     assert dm.tokenizer_vocab_size == 4096 and dm.cache.dtype == "uint16"
     assert dm.train_tokens > 1_500_000 and min(dm.val_tokens, dm.cache.test_tokens) > dm.hparams.seq_len
+
+
+def test_a_hub_dataset_is_loaded_by_name_subset_and_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return datasets.Dataset.from_dict({"content": _docs(30)})
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", load_dataset)
+    dm = _dm(
+        tmp_path, "someone/web-corpus", hub_subset="sample-10BT", hub_split="train", text_field="content"
+    )
+    dm.prepare_data()
+    assert calls == [("someone/web-corpus", "sample-10BT", "train")]
+    other = _dm(tmp_path, "someone/web-corpus", hub_subset="sample-100BT", text_field="content")
+    assert other.spec.key() != dm.spec.key()  # another subset is another cache
+
+
+def test_the_bpe_can_learn_from_the_first_documents_only(tmp_path: Path) -> None:
+    import datasets
+
+    from sa_train.data.tokenizer import train_bpe
+
+    texts = _docs(40)
+    dm = _dm(tmp_path, str(_jsonl(tmp_path / "c.jsonl", texts)), tokenizer_docs=5)
+    dm.prepare_data()
+    train, _, _ = sources.split_documents(datasets.Dataset.from_dict({"text": texts}), 0.05, 0.05, seed=1234)
+    expected = train_bpe(train.select(range(5)), 300).get_vocab()
+    assert Tokenizer.from_file(dm.tokenizer_path).get_vocab() == expected
+    assert _dm(tmp_path, dm.spec.source).spec.key() != dm.spec.key()
+    with pytest.raises(DataError, match=r"data\.tokenizer_docs"):
+        _dm(tmp_path, dm.spec.source, tokenizer_docs=0)
