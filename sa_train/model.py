@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sa_train.attention import AttentionBackend, get_backend
 from sa_train.cache import KVCache
@@ -221,6 +222,8 @@ class SAModel(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.reset_parameters()
         self.backend = self._resolve_backend()
+        # Training-time memory trade, not architecture: recompute each group's activations in backward.
+        self.checkpoint_groups = False
 
     def _resolve_backend(self) -> AttentionBackend:
         device_type = self.embed.weight.device.type
@@ -256,7 +259,11 @@ class SAModel(nn.Module):
         rope = self.rope.prefix(input_ids.shape[1])
         x = self.embed(input_ids)
         for group in self.groups:
-            x = group.forward(x, rope, self.backend)
+            if self.checkpoint_groups and torch.is_grad_enabled():
+                # A group is the unit: its shared layers need the anchor's attention weights anyway.
+                x = checkpoint(group.forward, x, rope, self.backend, use_reentrant=False)
+            else:
+                x = group.forward(x, rope, self.backend)
         return self.lm_head(self.norm(x))
 
     def prefill(self, input_ids: Tensor, prompt_lengths: Sequence[int], cache: KVCache) -> Tensor:

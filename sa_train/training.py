@@ -120,6 +120,8 @@ class CausalLM(L.LightningModule):
         eps: AdamW epsilon.
         compile: Compile the forward pass and the loss with ``torch.compile`` (first steps are slow
             while it compiles).
+        activation_checkpointing: Keep only each SA group's input in memory during training and recompute
+            the group in backward (one more forward pass of compute, for activations of one group at a time).
         nonfinite_loss: What a NaN/inf training loss does: ``stop`` ends the run with an error naming the
             step and the last checkpoint (which is kept), ``skip`` skips that batch's update and counts it
             in ``train/skipped_batches``.
@@ -135,6 +137,7 @@ class CausalLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
@@ -144,6 +147,7 @@ class CausalLM(L.LightningModule):
         self.save_hyperparameters(ignore=["config"])
         self.config = config
         self.model = SAModel(config)
+        self.model.checkpoint_groups = activation_checkpointing
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         # Token-weighted mean NLL, summed across batches and processes before the exp: perplexity.

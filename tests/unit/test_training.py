@@ -119,3 +119,27 @@ def test_skip_mode_skips_the_update_of_a_nonfinite_batch_and_counts_it():
     assert all(unchanged)
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3], strict=True))
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_activation_checkpointing_keeps_gradients_and_saves_memory():
+    config = SAConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, sa_groups="every:2")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        module = CausalLM(config, activation_checkpointing=flag)
+        saved: list[int] = []
+
+        def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = module._loss((ids[:, :-1], ids[:, 1:]))
+        loss.backward()
+        results[flag] = (loss.detach(), [p.grad.clone() for p in module.parameters()], sum(saved))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results[False], results[True]
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b)
+    assert saved_b < saved_a / 2
