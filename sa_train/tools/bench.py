@@ -41,7 +41,8 @@ from sa_train.tools.cost import read_training_config
 from sa_train.training import build_optimizer
 
 VARIANTS = ("sa", "dense", "hf")
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton.jsonl.gz"
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout: its shipped configs and corpus
+CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 
 
 def hf_llama(config: SAConfig) -> torch.nn.Module:
@@ -363,9 +364,9 @@ def main(argv: Sequence[str]) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine has no CUDA GPU; run the benchmark with --device cpu.")
-    default = "configs/sa-350m.yaml" if device.type == "cuda" else "configs/sa-tiny.yaml"
-    config, seq_len, _ = read_training_config(args.config or Path(default))
-    batch = args.batch or _config_batch(args.config or Path(default))
+    default = ROOT / "configs" / ("sa-350m.yaml" if device.type == "cuda" else "sa-tiny.yaml")
+    config, seq_len, _ = read_training_config(args.config or default)
+    batch = args.batch or _config_batch(args.config or default)
     report: dict[str, Any] = {"machine": machine(device), "config": config.to_dict()}
     modes = (False,) if args.no_compile else (False, True)
     if args.suite in ("train", "all"):
