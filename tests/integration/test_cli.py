@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,10 +68,17 @@ def tiny_run_config(tmp_path: Path, corpus: Path, **model_config) -> Path:
     return path
 
 
-def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m sa_train ARGS`` in a fresh process, as a user would."""
+def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -m sa_train ARGS`` in a fresh process, as a user would, with this checkout's sa_train
+    (and the test helpers) importable wherever ``cwd`` is, and ``env`` added to the environment."""
+    path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "sa_train", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sa_train", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-from test_cli import tiny_run_config
+from test_cli import run_module, tiny_run_config
 
 from sa_train import SAModel
 from sa_train.checkpoint import read_checkpoint
@@ -69,16 +66,7 @@ def quick(max_steps: int = STEPS) -> list[str]:
 
 def fit_in_subprocess(config: Path, args: list[str], cwd: Path) -> None:
     """``python -m sa_train fit`` in a fresh process; Lightning starts the second rank itself."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    env["DS_ACCELERATOR"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_module(["fit", "--config", str(config), *args], cwd, DS_ACCELERATOR="cpu")
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from test_cli import ROOT, run_cli, tiny_run_config
+from test_cli import run_cli, run_module, tiny_run_config
 from tokenizers import Tokenizer
 
 from sa_train import SAModel
@@ -29,18 +26,7 @@ def test_generate_from_a_fitted_checkpoint_in_a_fresh_process(tmp_path, small_co
 
     prompt = "To be, or not to be"
     args = ["generate", "--checkpoint", "model.ckpt", "--prompt", prompt, "--max-new-tokens", "16"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "sa_train", *args],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module(args, elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 

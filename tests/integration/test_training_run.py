@@ -5,14 +5,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from test_cli import run_cli, tiny_run_config
+from test_cli import run_cli, run_module, tiny_run_config
 from torch._dynamo.utils import counters
 
 from sa_train import SAModel
@@ -97,14 +94,8 @@ def test_fit_logs_perplexity_cost_and_throughput_to_csv_and_offline_wandb(tmp_pa
     extra.write_text(yaml.safe_dump({"trainer": {"logger": loggers, "callbacks": callbacks}}))
     config = tiny_run_config(tmp_path, small_corpus)
     args = ["--config", str(extra), "--trainer.max_steps=6", "--trainer.val_check_interval=3"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_module(
+        ["fit", "--config", str(config), *args], tmp_path, WANDB_MODE="offline", WANDB_SILENT="true"
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
