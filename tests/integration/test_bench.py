@@ -1,0 +1,41 @@
+"""The bench command on a small shape: every suite runs and the JSON holds the documented keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from sa_train.cli import main
+
+
+@pytest.mark.slow
+def test_bench_reports_every_suite_as_json(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = tmp_path / "small.yaml"
+    model = {
+        "vocab_size": 256,
+        "d_model": 64,
+        "n_layers": 4,
+        "n_heads": 4,
+        "max_seq_len": 64,
+        "sa_groups": "every:2",
+    }
+    config.write_text(yaml.safe_dump({"model": {"config": model}, "data": {"seq_len": 32, "batch_size": 2}}))
+    out = tmp_path / "bench.json"
+    args = ["--config", str(config), "--no-compile", "--rounds", "2", "--json", str(out)]
+    decode = ["--batches", "1,2", "--prompts", "8,16", "--new", "4"]
+    assert main(["bench", *args, *decode]) == 0
+    report = json.loads(out.read_text())
+    train, dec, data = report["train"], report["decode"], report["data"]
+    for key in ("sa_vs_hf", "sa_vs_dense", "mfu_dense", "flop_ratio"):
+        assert train[key] > 0, key
+    assert train["flop_ratio"] > 1  # 2 of 4 layers skip Q/K
+    assert {train[v]["mode"] for v in ("sa", "dense", "hf")} == {"eager"}
+    assert dec["sa_vs_hf"] > 0 and dec["sa_vs_dense"] > 0
+    assert set(dec["settings"]) == {"b1_p8", "b1_p16", "b2_p8", "b2_p16"}
+    held = dec["settings"]["b2_p16"]["kv_cache_bytes"]
+    assert held["sa"] / held["dense"] == (4 + 2) / 8
+    assert data["tokenise_mb_per_sec"] > 0 and data["loader_share_of_step"] > 0
+    assert "SA / dense" in capsys.readouterr().out
