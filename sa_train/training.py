@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +102,10 @@ def check_data_fits_model(config: SAConfig, datamodule: Any) -> None:
             f"the tokenizer has {vocab} tokens but model.config.vocab_size={config.vocab_size}; set "
             f"model.config.vocab_size to at least {vocab} (or use a smaller data.vocab_size / tokenizer)."
         )
+
+
+# model.nonfinite_loss=skip returns None from training_step on purpose (Lightning then skips the update).
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 class NonFiniteLossError(SATrainError):

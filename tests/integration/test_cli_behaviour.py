@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_cli import ROOT, run_cli, tiny_run_config
 
+from sa_train.checkpoint import read_checkpoint
 from sa_train.cli import main
 
 
@@ -110,3 +111,20 @@ def test_a_root_dir_the_logger_ignores_is_refused(tmp_path, small_corpus, capsys
         ["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'elsewhere'}"], capsys
     )
     assert code == 2 and "trainer.logger.init_args.save_dir" in err
+
+
+@pytest.mark.slow
+def test_last_checkpoint_is_a_hard_link_to_the_step_checkpoint_of_the_same_step(
+    tmp_path, small_corpus, capsys
+):
+    config = tiny_run_config(tmp_path, small_corpus)
+    every_two = "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint"
+    args = [every_two, "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_last=true"]
+    code, _, err = run_cli(["fit", "--config", str(config), "--trainer.max_steps=4", *args], capsys)
+    assert code == 0, err
+    folder = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    step, last = folder / "epoch=0-step=4.ckpt", folder / "last.ckpt"
+    assert step.stat().st_ino == last.stat().st_ino and last.stat().st_nlink == 2  # one copy on disk
+    step.unlink()
+    assert read_checkpoint(last).global_step == 4

@@ -36,6 +36,8 @@ def test_step_progress_bar_counts_optimizer_steps_across_epochs(tmp_path):
         logger=CSVLogger(tmp_path),
         enable_checkpointing=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
+        limit_val_batches=0,
         callbacks=[bar],
     )
     trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(3))  # 3 batches an epoch
@@ -53,6 +55,7 @@ def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
         callbacks=[TrainingThroughput(window=2)],
     )
     trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(6))

@@ -109,6 +109,7 @@ def test_skip_mode_skips_the_update_of_a_nonfinite_batch_and_counts_it():
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
         callbacks=[Snapshot()],
         gradient_clip_val=1.0,
     )
