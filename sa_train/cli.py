@@ -251,7 +251,8 @@ def _check_outputs_in_root_dir(trainer: Trainer) -> None:
     ``trainer.default_root_dir`` elsewhere would be silently ignored, so the two must agree."""
     root, logger = Path(trainer.default_root_dir).resolve(), trainer.logger  # the first logger decides
     if logger is not None and root != Path.cwd().resolve():
-        folder = getattr(logger, "save_dir", None)
+        # CSV and TensorBoard loggers write into save_dir/name (their root_dir), wandb into save_dir.
+        folder = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
         if folder and not Path(folder).resolve().is_relative_to(root):
             raise ConfigError(
                 f"trainer.default_root_dir={trainer.default_root_dir} but trainer.logger "

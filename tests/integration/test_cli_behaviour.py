@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from test_cli import ROOT, run_cli, tiny_run_config
@@ -128,3 +130,18 @@ def test_last_checkpoint_is_a_hard_link_to_the_step_checkpoint_of_the_same_step(
     assert step.stat().st_ino == last.stat().st_ino and last.stat().st_nlink == 2  # one copy on disk
     step.unlink()
     assert read_checkpoint(last).global_step == 4
+
+
+@pytest.mark.slow
+def test_the_readme_command_trains_with_the_shipped_config(tmp_path, capsys, monkeypatch):
+    """`python -m sa_train fit --config configs/sa-tiny.yaml` from a checkout, shortened to two steps."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "data" / "open-shakespeare-milton.jsonl.gz", tmp_path / "data")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    short = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+    code, _, err = run_cli(["fit", "--config", "configs/sa-tiny.yaml", *short], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "sa-tiny" / "version_0"
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt").global_step == 2
+    assert "val/ppl" in (run / "metrics.csv").read_text().splitlines()[0]
