@@ -306,6 +306,10 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
     "export": (_tool("export"), "write a checkpoint as a Hugging Face model folder (safetensors, tokenizer)"),
     "eval": (_tool("eval"), "run lm-evaluation-harness on an exported model folder"),
+    "analyze": (
+        _tool("analyze"),
+        "cross-layer attention similarity of a checkpoint and the SA groups it suggests",
+    ),
     "bench": (_tool("bench"), "training, decode and data speed of SA beside its dense twin and HF Llama"),
 }
 
