@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from sa_train.checkpoint import add_model_entries
+from sa_train.checkpoint import add_model_entries, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.errors import ConfigError, SATrainError
 from sa_train.model import SAModel
@@ -127,6 +127,9 @@ class CausalLM(L.LightningModule):
             while it compiles).
         activation_checkpointing: Keep only each SA group's input in memory during training and recompute
             the group in backward (one more forward pass of compute, for activations of one group at a time).
+        init_from: Start ``fit`` from the weights of this checkpoint (e.g. one written by ``convert``),
+            without its optimizer and loop state (``--ckpt_path`` resumes a run instead). Its architecture
+            must be this config's.
         nonfinite_loss: What a NaN/inf training loss does: ``stop`` ends the run with an error naming the
             step and the last checkpoint (which is kept), ``skip`` skips that batch's update and counts it
             in ``train/skipped_batches``.
@@ -144,6 +147,7 @@ class CausalLM(L.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         _check_optimizer_settings(lr, min_lr_ratio, warmup_steps, weight_decay, betas, eps)
@@ -166,10 +170,22 @@ class CausalLM(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             check_data_fits_model(self.config, datamodule)
+        if stage == "fit" and self.hparams["init_from"] and self.trainer.ckpt_path is None:
+            self._load_weights(self.hparams["init_from"])
         if self.hparams["compile"]:
             # The loss is compiled with the model: Inductor fuses the fp32 upcast of the logits into the
             # cross-entropy instead of materialising a (batch, seq, vocab) fp32 copy.
             self._loss_fn = torch.compile(self._logits_loss)
+
+    def _load_weights(self, path: str) -> None:
+        saved = read_checkpoint(path)
+        shape = {k: v for k, v in saved.config.to_dict().items() if k != "attention_backend"}
+        if shape != {k: v for k, v in self.config.to_dict().items() if k != "attention_backend"}:
+            raise ConfigError(
+                f"model.init_from: {path} holds a model of another architecture (groups "
+                f"{saved.config.groups}); set model.config to the checkpoint's (the groups given to convert)."
+            )
+        self.model.load_state_dict(saved.state_dict)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
