@@ -2,8 +2,9 @@
 
 Trainer commands (fit, validate, test) go through LightningCLI, so a YAML file and ``--section.key``
 flags configure the model, the data and the Trainer alike, and the resolved config is saved into the
-run folder. Tool commands (prepare, and later generate, export, ...) reuse the same parser where they
-read a training config. User errors print as one paragraph and exit with status 2, no traceback.
+run folder. Tool commands (prepare, generate, cost, export, eval, analyze, convert, bench, plot) are one
+module each under ``sa_train.tools``, imported when they run; this module only dispatches to them. User
+errors print as one paragraph and exit with status 2, no traceback.
 """
 
 from __future__ import annotations

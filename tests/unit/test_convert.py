@@ -30,8 +30,11 @@ def twin_layers(kv_heads: int) -> SAModel:
     """Layer 1 attends exactly like layer 0 with its heads shuffled: layer 0 writes nothing to the
     residual stream, so both see the same input, and layer 1's Q/K/V/O are layer 0's heads reordered."""
     config = SAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=kv_heads, max_seq_len=16)
+    torch.manual_seed(0)
     model = SAModel(config).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("q_proj", "k_proj"):  # peaked attention, so heads differ clearly (init is near uniform)
+        state[f"layers.0.attn.{name}.weight"] *= 30
     state["layers.0.attn.o_proj.weight"].zero_()
     state["layers.0.mlp.down_proj.weight"].zero_()
     order = [1, 0] if kv_heads == 2 else [2, 0, 3, 1]
@@ -50,4 +53,4 @@ def test_head_matching_makes_the_retrofit_exact_when_attention_is_shared_up_to_o
         plain = convert_to_sa(dense, [[0, 1]]).eval()
         assert matched.config.groups == [[0, 1]] and not hasattr(matched.layers[1].attn, "q_proj")
         torch.testing.assert_close(matched(IDS), dense(IDS))
-        assert not torch.allclose(plain(IDS), dense(IDS), atol=1e-3)
+        assert (plain(IDS) - dense(IDS)).abs().max() > 1e-2
