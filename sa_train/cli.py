@@ -58,7 +58,7 @@ SELF_WRITING_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrateg
 TRAINER_COMMANDS = {
     "fit": "train a model (resume with --ckpt_path)",
     "validate": "evaluate a checkpoint on the validation split",
-    "test": "evaluate a checkpoint on the test loop",
+    "test": "evaluate a checkpoint on the test split (documents no other command reads)",
 }
 
 
@@ -302,7 +302,7 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _tool("prepare"),
         "tokenise a config's data into the shard cache once (fit does it on demand)",
     ),
-    "plot": (_tool("plot"), "loss curves of one or more runs (metrics.csv) in one PNG"),
+    "plot": (_tool("plot"), "loss and perplexity curves of one or more runs (metrics.csv) in one PNG"),
     "generate": (_tool("generate"), "continue a prompt with a checkpoint, streamed to stdout"),
     "cost": (_tool("cost"), "parameters, FLOPs and KV-cache size of a config beside its dense twin"),
     "export": (_tool("export"), "write a checkpoint as a Hugging Face model folder (safetensors, tokenizer)"),
