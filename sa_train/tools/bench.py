@@ -365,8 +365,8 @@ def main(argv: Sequence[str]) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine has no CUDA GPU; run the benchmark with --device cpu.")
     default = ROOT / "configs" / ("sa-350m.yaml" if device.type == "cuda" else "sa-tiny.yaml")
-    config, seq_len, _ = read_training_config(args.config or default)
-    batch = args.batch or _config_batch(args.config or default)
+    shape = read_training_config(args.config or default)
+    config, seq_len, batch = shape.config, shape.seq_len, args.batch or shape.batch_size
     report: dict[str, Any] = {"machine": machine(device), "config": config.to_dict()}
     modes = (False,) if args.no_compile else (False, True)
     if args.suite in ("train", "all"):
@@ -382,10 +382,3 @@ def main(argv: Sequence[str]) -> None:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-
-
-def _config_batch(path: Path) -> int:
-    import yaml
-
-    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return int((document.get("data") or {}).get("batch_size") or 8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,18 @@ from sa_train.errors import ConfigError
 PRECISION_DTYPE = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16-true": "fp16"}
 
 
-def read_training_config(path: Path) -> tuple[SAConfig, int, str]:
-    """The model config, the training sequence length and the cache dtype of a training YAML."""
+@dataclass(frozen=True)
+class TrainingShape:
+    """What the tools read from a training YAML without building anything."""
+
+    config: SAConfig
+    seq_len: int
+    batch_size: int
+    dtype: str  # element type of activations and the KV cache under trainer.precision
+
+
+def read_training_config(path: Path) -> TrainingShape:
+    """The model config, training sequence length, micro-batch and cache dtype of a training YAML."""
     if not path.is_file():
         raise ConfigError(
             f"--config: no file at {path}; give a training config such as configs/sa-tiny.yaml."
@@ -43,9 +54,14 @@ def read_training_config(path: Path) -> tuple[SAConfig, int, str]:
         config = SAConfig(**model_section["config"])
     except TypeError as error:
         raise ConfigError(f"model.config in {path}: {error}.") from error
-    seq_len = int((document.get("data") or {}).get("seq_len") or config.max_seq_len)
+    data = document.get("data") or {}
     precision = str((document.get("trainer") or {}).get("precision") or "32-true")
-    return config, seq_len, PRECISION_DTYPE.get(precision, "fp32")
+    return TrainingShape(
+        config=config,
+        seq_len=int(data.get("seq_len") or config.max_seq_len),
+        batch_size=int(data.get("batch_size") or 8),
+        dtype=PRECISION_DTYPE.get(precision, "fp32"),
+    )
 
 
 def _human(value: float, unit: str = "") -> str:
@@ -131,10 +147,11 @@ def main(argv: Sequence[str]) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
-    config, seq_len, dtype = read_training_config(args.config)
+    shape = read_training_config(args.config)
+    config = shape.config
     if args.context is not None and args.context < 1:
         raise ConfigError(f"--context={args.context} must be a positive number of cached positions.")
-    report = cost_report(config, seq_len, args.context, args.dtype or dtype)
+    report = cost_report(config, shape.seq_len, args.context, args.dtype or shape.dtype)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
