@@ -408,3 +408,54 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+class AttentionSimilarity(L.Callback):
+    """Logs how alike neighbouring layers attend as training goes (:mod:`sa_train.analysis`).
+
+    Every ``every_n_steps`` optimizer steps, on a fixed batch of the validation split, the head-matched
+    similarity (1 − Jensen–Shannon, bits) of each pair of neighbouring attention-computing layers (every
+    layer of a dense model, the anchors of an SA model) goes to ``attn_sim/<a>-<b>``, and their mean to
+    ``attn_sim/mean``: the evidence for choosing groups, and for when in training it appears.
+
+    Args:
+        every_n_steps: Optimizer steps between measurements.
+        batch_size: Validation sequences in the fixed batch.
+    """
+
+    def __init__(self, every_n_steps: int = 100, batch_size: int = 2) -> None:
+        super().__init__()
+        if every_n_steps < 1 or batch_size < 1:
+            raise ConfigError(
+                f"AttentionSimilarity every_n_steps={every_n_steps} and batch_size={batch_size} must be >= 1."
+            )
+        self.every_n_steps, self.batch_size = every_n_steps, batch_size
+        self._batch: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
+        if loader is not None:
+            inputs = next(iter(loader))[0]
+            self._batch = inputs[: self.batch_size].to(pl_module.device)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._batch is None or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        from sa_train.analysis import attention_maps, similarity
+
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            result = similarity(attention_maps(model, self._batch))
+        finally:
+            model.train(was_training)
+        layers, matched = result.layers, result.js["matched"]
+        pairs = {f"attn_sim/{layers[i]}-{layers[i + 1]}": matched[i][i + 1] for i in range(len(layers) - 1)}
+        if pairs:
+            pairs["attn_sim/mean"] = sum(pairs.values()) / len(pairs)
+            for logger in trainer.loggers:
+                logger.log_metrics(pairs, step=step)

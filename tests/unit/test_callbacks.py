@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sa_train import SAConfig, SAModel
 from sa_train.callbacks import (
+    AttentionSimilarity,
     StepProgressBar,
     TrainingThroughput,
     compute_dtype,
@@ -79,3 +82,37 @@ def test_measured_decode_holds_exactly_the_sa_cache():
     assert kv_cache_bytes_per_token(CONFIG, 4) == (2 + 1) * 2 * 16 * 4
     assert metrics["cost/decode_tokens_per_sec"] > 0 and metrics["cost/prefill_ms"] > 0
     assert model.training  # restored
+
+
+class _Data(L.LightningDataModule):
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__()
+        self.loader = loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader
+
+
+def test_attention_similarity_is_logged_every_n_steps(tmp_path):
+    dense = SAConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=8)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=CSVLogger(tmp_path),
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[AttentionSimilarity(every_n_steps=2)],
+    )
+    trainer.fit(CausalLM(dense, warmup_steps=1), datamodule=_Data(batches(4)))
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"attn_sim/0-1", "attn_sim/1-2", "attn_sim/mean"} <= set(header)
+    logged = [row for row in rows[1:] if row.split(",")[header.index("attn_sim/mean")]]
+    assert [int(row.split(",")[header.index("step")]) for row in logged] == [2, 4]
+    assert all(0 <= float(row.split(",")[header.index("attn_sim/0-1")]) <= 1 for row in logged)
