@@ -96,8 +96,10 @@ def read_checkpoint(
 
 
 def _load(path: Path, map_location: str | torch.device) -> Any:
+    """Memory-mapped: reading the config and tokenizer of a large checkpoint touches only their pages, not
+    the optimizer state (a resume reads the file to check it before Lightning loads it)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as error:  # torch's unpickler raises anything from IndexError to RuntimeError
         raise CheckpointError(
             f"{path} cannot be read as a checkpoint ({_first_line(error)}). The file is truncated, damaged "
