@@ -8,7 +8,6 @@ Runs held-out text through the checkpoint's model, compares the attention of eve
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from sa_train.analysis import (
 from sa_train.checkpoint import read_checkpoint
 from sa_train.errors import CheckpointError, ConfigError, DataError
 from sa_train.model import SAModel
+from sa_train.tools import tool_parser
 
 
 def read_texts(path: Path | None, text_field: str) -> list[str]:
@@ -82,7 +82,7 @@ def plot_heatmap(matrix: list[list[float]], layers: list[int], title: str, out: 
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sa_train analyze", description=__doc__.split("\n\n")[0])
+    parser = tool_parser("analyze", __doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by fit")
     parser.add_argument(
         "--out", type=Path, required=True, help="folder for similarity.json and similarity.png"

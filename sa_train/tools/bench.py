@@ -16,7 +16,6 @@ Weights are random: speed does not depend on them. ``--json FILE`` writes every 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import json
@@ -37,6 +36,7 @@ from sa_train.config import SAConfig
 from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_per_token
 from sa_train.errors import ConfigError
 from sa_train.model import SAModel
+from sa_train.tools import tool_parser
 from sa_train.tools.cost import read_training_config
 from sa_train.training import build_optimizer
 
@@ -343,7 +343,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sa_train bench", description=__doc__.split("\n\n")[0])
+    parser = tool_parser("bench", __doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=("train", "decode", "data", "all"), default="all")
     parser.add_argument(
         "--config", type=Path, help="training config (default: sa-tiny on CPU, sa-350m on CUDA)"

@@ -7,7 +7,6 @@ The output is a checkpoint that ``validate`` scores and that ``fit`` fine-tunes 
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from sa_train.checkpoint import add_model_entries, atomic_torch_save, read_check
 from sa_train.convert import convert_to_sa
 from sa_train.errors import CheckpointError, ConfigError, DataError
 from sa_train.model import SAModel
+from sa_train.tools import tool_parser
 from sa_train.tools.analyze import read_texts
 from sa_train.training import CausalLM
 
@@ -34,7 +34,7 @@ def perplexity(model: SAModel, batch: torch.Tensor) -> float:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sa_train convert", description=__doc__.split("\n\n")[0])
+    parser = tool_parser("convert", __doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a dense model's checkpoint")
     parser.add_argument("--groups", required=True, help="SA groups: every:G, dense:D,every:G or a list")
     parser.add_argument("--out", type=Path, required=True, help="the SA checkpoint to write")

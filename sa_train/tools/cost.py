@@ -5,7 +5,6 @@ Everything comes from the config alone (:mod:`sa_train.cost`); nothing is built 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import yaml
 from sa_train.config import SAConfig
 from sa_train.cost import BYTES_PER_ELEMENT, cost_report
 from sa_train.errors import ConfigError
+from sa_train.tools import tool_parser
 
 # Trainer precision -> element type of the activations, hence of the KV cache.
 PRECISION_DTYPE = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16-true": "fp16"}
@@ -134,10 +134,7 @@ def format_report(report: dict[str, Any], name: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sa_train cost",
-        description="Parameters, FLOPs and KV-cache size of a config and of its dense twin.",
-    )
+    parser = tool_parser("cost", "Parameters, FLOPs and KV-cache size of a config and of its dense twin.")
     parser.add_argument("--config", type=Path, required=True, help="a training config (YAML)")
     parser.add_argument(
         "--context", type=int, help="cached positions per decoded token (model.config.max_seq_len)"

@@ -7,13 +7,13 @@ beside lm-eval's own, and writes lm-eval's results as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sa_train.errors import ConfigError
+from sa_train.tools import tool_parser
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "export" / "tasks"
 
@@ -64,10 +64,8 @@ def evaluate(
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sa_train eval",
-        description="Run lm-evaluation-harness on an exported model folder and write its results as JSON.",
-        allow_abbrev=False,
+    parser = tool_parser(
+        "eval", "Run lm-evaluation-harness on an exported model folder and write its results as JSON."
     )
     parser.add_argument("--model", type=Path, required=True, help="a folder written by `export`")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")

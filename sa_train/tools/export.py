@@ -6,18 +6,16 @@ Dense models load as ``LlamaForCausalLM``; SA models as remote code (``trust_rem
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 from sa_train.errors import ConfigError
+from sa_train.tools import tool_parser
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sa_train export",
-        description="Write a checkpoint as a Hugging Face model folder (safetensors, tokenizer, model card).",
-        allow_abbrev=False,
+    parser = tool_parser(
+        "export", "Write a checkpoint as a Hugging Face model folder (safetensors, tokenizer, model card)."
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by fit")
     parser.add_argument("--out", type=Path, required=True, help="the folder to create")

@@ -20,12 +20,11 @@ from sa_train.data.tokenizer import eos_token_id
 from sa_train.errors import CheckpointError, ConfigError
 from sa_train.generation import Sampling, stream
 from sa_train.model import SAModel
+from sa_train.tools import tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sa_train generate", description="Continue a prompt with a trained checkpoint."
-    )
+    parser = tool_parser("generate", "Continue a prompt with a trained checkpoint.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by fit")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (64)")

@@ -3,12 +3,12 @@ dense twin."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 from collections.abc import Sequence
 from pathlib import Path
 
 from sa_train.errors import DataError
+from sa_train.tools import tool_parser
 
 
 def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -97,7 +97,7 @@ def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) 
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sa_train plot", description=plot_loss.__doc__)
+    parser = tool_parser("plot", plot_loss.__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.csv")
     parser.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (loss.png)")
     parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window of the train loss (10)")

@@ -145,3 +145,8 @@ def test_the_readme_command_trains_with_the_shipped_config(tmp_path, capsys, mon
     run = tmp_path / "runs" / "sa-tiny" / "version_0"
     assert read_checkpoint(run / "checkpoints" / "last.ckpt").global_step == 2
     assert "val/ppl" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_tool_commands_refuse_abbreviated_options_too(capsys):
+    code, out, err = run_cli(["cost", "--config", str(ROOT / "configs" / "sa-tiny.yaml"), "--js"], capsys)
+    assert code == 2 and "--js" in err and not out
