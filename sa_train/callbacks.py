@@ -237,8 +237,7 @@ class TrainingThroughput(L.Callback):
         )
         if (trainer.global_step % trainer.log_every_n_steps) != 0:
             return
-        if inputs.device.type == "cuda":
-            torch.cuda.synchronize(inputs.device)
+        synchronize(inputs.device)
         self._meter.update(
             time=time.perf_counter() - self._start,
             batches=self._batches,
@@ -347,16 +346,16 @@ def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens:
     try:
         with torch.inference_mode():
             cache = KVCache(config, batch_size, prompt_len + new_tokens, weight.dtype, device)
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             tokens = model.prefill(ids.to(device), [prompt_len] * batch_size, cache).argmax(-1)
-            _synchronize(device)
+            synchronize(device)
             prefill = time.perf_counter() - start
             start = time.perf_counter()
             for _ in range(new_tokens):
                 tokens = model.decode_step(tokens, cache).argmax(-1)
                 cache.advance()
-            _synchronize(device)
+            synchronize(device)
             decode = time.perf_counter() - start
     finally:
         model.train(was_training)
@@ -367,7 +366,8 @@ def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens:
     }
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock reading covers it (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

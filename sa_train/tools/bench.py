@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sa_train.callbacks import measure_matmul_flops
+from sa_train.callbacks import measure_matmul_flops, synchronize
 from sa_train.config import SAConfig
 from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_per_token
 from sa_train.errors import ConfigError
@@ -65,11 +65,6 @@ def build(variant: str, config: SAConfig, device: torch.device) -> torch.nn.Modu
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids) if isinstance(model, SAModel) else model(input_ids=ids).logits
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device) -> torch.autocast:
