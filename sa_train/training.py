@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
@@ -200,13 +201,26 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         loss = self._loss(batch)
-        if not self._finite_on_every_rank(loss):
+        if self._checks_loss() and not self._finite_on_every_rank(loss):
             return self._handle_nonfinite(loss)
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", self.tokens_seen.float(), reduce_fx="max")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def _checks_gradients(self) -> bool:
+        """Whether :meth:`configure_gradient_clipping` checks the gradient norm before each update: not
+        under a GradScaler (it skips non-finite steps itself) nor DeepSpeed (which clips on its own)."""
+        trainer = self.trainer
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        return not scaled and not isinstance(trainer.strategy, DeepSpeedStrategy)
+
+    def _checks_loss(self) -> bool:
+        """A non-finite loss gives non-finite gradients, which the gradient check stops before the update;
+        so ``stop`` reads the loss on the host only where no gradient check runs: one device sync per step,
+        not two. ``skip`` must decide before the backward pass."""
+        return self.hparams["nonfinite_loss"] == "skip" or not self._checks_gradients()
 
     def _finite_on_every_rank(self, value: Tensor) -> bool:
         """One flag for all ranks, so they stop or skip together (a lone rank skipping would hang DDP)."""
@@ -254,13 +268,12 @@ class CausalLM(L.LightningModule):
         max_norm = gradient_clip_val if gradient_clip_val and gradient_clip_algorithm != "value" else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.log("train/grad_norm", norm)
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not self._finite_on_every_rank(
-            norm
-        ):
+        if self._checks_gradients() and not self._finite_on_every_rank(norm):
             raise NonFiniteLossError(
-                f"the gradients became non-finite at step {self.trainer.global_step} while the loss was "
-                f"finite, so the run stopped before that update; {self._last_checkpoint_words()} Lower "
-                "model.lr or set trainer.gradient_clip_val, then resume from that checkpoint."
+                f"the loss or the gradients became non-finite at step {self.trainer.global_step}, so the run "
+                f"stopped before that update; {self._last_checkpoint_words()} Lower model.lr, raise "
+                "model.warmup_steps or set trainer.gradient_clip_val, then resume from that checkpoint with "
+                "--ckpt_path (or set model.nonfinite_loss: skip to skip such batches)."
             )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
