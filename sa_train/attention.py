@@ -24,7 +24,7 @@ Decoding one token (``decode_anchor`` / ``decode_shared``) reads the static cach
 layer of the group applies them to its own value cache. The PyTorch path covers the whole static cache
 with the cache's additive mask (fixed shapes, so a step can be compiled or captured); the Triton path
 is the grouped decode kernel over the written prefix, used when no row is padded (the kernel takes no
-mask).
+mask) and the step is not compiled (a compiled step keeps static shapes).
 """
 
 from __future__ import annotations
@@ -233,10 +233,14 @@ class TritonBackend(TorchBackend):
         return out, GroupWeights(q=q, k=k, lse=lse)
 
     def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
-        """The grouped decode kernel over the written prefix: one launch serves every layer's values."""
+        """The grouped decode kernel over the written prefix: one launch serves every layer's values.
+
+        A compiled step takes the PyTorch path over the whole static cache instead: the prefix grows
+        every token, and a shape that changes would recompile the step each time.
+        """
         from sa_train import kernels
 
-        if cache.padded:
+        if cache.padded or torch.compiler.is_compiling():
             return super().decode_anchor(q, keys, values, cache)
         length = cache.length
         partials, p_last = kernels.decode_group_partial(

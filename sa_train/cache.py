@@ -32,6 +32,25 @@ class GroupCache:
 
     keys: Tensor  # (B, Hkv, max_len, D)
     values: Tensor  # (G, B, Hkv, max_len, D), index 0 = the anchor
+    layers: Tensor  # (G,) 0..G-1: index tensors that address one layer's values in place
+
+    def write_prefix(self, layer: int, v: Tensor, k: Tensor | None = None) -> None:
+        """Slots 0..T-1 of layer ``layer``'s values (B, Hkv, T, D), and of the keys for the anchor."""
+        if k is not None:
+            self.keys[:, :, : k.shape[2]] = k
+        self.values[layer, :, :, : v.shape[2]] = v
+
+    def write_step(self, layer: int, slot: Tensor, v: Tensor, k: Tensor | None = None) -> None:
+        """One token's value (B, Hkv, 1, D) of layer ``layer`` (and the anchor's key) at ``slot`` (1,).
+
+        The value goes in with one indexed write into the whole (G, ...) buffer, not a copy into the
+        view ``values[layer]``: a compiled step turns a write into a view of its input into a copy of
+        the group's whole value cache, which made the compiled CPU decode step of sa-tiny (batch 4,
+        255 slots) slower than eager, 2.8 against 2.6 ms.
+        """
+        if k is not None:
+            self.keys.index_copy_(2, slot, k)
+        self.values[self.layers[layer : layer + 1], :, :, slot] = v.permute(2, 0, 1, 3)
 
 
 class KVCache:
@@ -57,6 +76,7 @@ class KVCache:
             GroupCache(
                 keys=torch.zeros(shape, dtype=dtype, device=device),
                 values=torch.zeros((len(group), *shape), dtype=dtype, device=device),
+                layers=torch.arange(len(group), device=device),
             )
             for group in config.groups
         ]
@@ -67,7 +87,8 @@ class KVCache:
         self.padded = False
         if torch.device(device).type == "cuda":
             # Fixed addresses let a compiled step be captured once as a CUDA graph and replayed.
-            for tensor in (*self.tensors(), self.bias, self.positions, self.slot):
+            indices = [group.layers for group in self.groups]
+            for tensor in (*self.tensors(), *indices, self.bias, self.positions, self.slot):
                 torch._dynamo.mark_static_address(tensor)
 
     @property

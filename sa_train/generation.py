@@ -122,11 +122,13 @@ def stream(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     eos_token_id: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), step by step.
 
     Prompts of different lengths are left-padded. A row that has produced ``eos_token_id`` yields it
     again at every later step; generation stops when every row has, or after ``max_new_tokens``.
+    ``compile`` decodes with the model's compiled step (:meth:`SAModel.compiled_decode_step`).
     """
     rows = _prompt_rows(prompts, model.config.vocab_size)
     lengths = [len(row) for row in rows]
@@ -140,6 +142,7 @@ def stream(
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(weight.device).manual_seed(sampling.seed)
+    decode_step = model.compiled_decode_step() if compile else model.decode_step
     logits = model.prefill(ids.to(weight.device), lengths, cache)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=weight.device)
     for step in range(max_new_tokens):
@@ -150,7 +153,7 @@ def stream(
         yield tokens
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
-        logits = model.decode_step(tokens, cache)
+        logits = decode_step(tokens, cache)
         cache.advance()
 
 
@@ -160,10 +163,11 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     eos_token_id: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt, up to and including its first ``eos_token_id``."""
     outputs: list[list[int]] = []
-    for tokens in stream(model, prompts, max_new_tokens, sampling, eos_token_id):
+    for tokens in stream(model, prompts, max_new_tokens, sampling, eos_token_id, compile):
         outputs = outputs or [[] for _ in range(len(tokens))]
         for row, token in zip(outputs, tokens.tolist(), strict=True):
             if eos_token_id is None or not row or row[-1] != eos_token_id:

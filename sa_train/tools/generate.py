@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help=f"cpu or cuda ({default_device})")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the decode step: pays off for long generations"
+    )
     return parser
 
 
@@ -58,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
     model = SAModel.from_saved(saved).to(args.device)
     prompt_ids = [eos, *tokenizer.encode(args.prompt).ids]
     decoder = DecodeStream(skip_special_tokens=True)
-    steps = stream(model, [prompt_ids], args.max_new_tokens, sampling, eos)
+    steps = stream(model, [prompt_ids], args.max_new_tokens, sampling, eos, args.compile)
     first = next(steps)  # checks the prompt's length and prefills before anything is printed
     sys.stdout.write(args.prompt)
     generated, printed = [], 0

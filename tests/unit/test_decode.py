@@ -132,9 +132,15 @@ def test_training_forward_and_backward_trace_whole_under_compile(fresh_dynamo):
         torch.testing.assert_close(got_grad, want_grad)
 
 
-def test_decode_step_compiles_once_and_replays_for_every_token(fresh_dynamo):
-    """One graph, no graph breaks, no recompilation as the cache fills: the step's shapes are static."""
-    model = build("mixed-spans-gqa", "torch")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_step_compiles_once_and_replays_for_every_token(backend, fresh_dynamo):
+    """One graph, no graph breaks, no recompilation as the cache fills: the step's shapes are static
+    (the Triton backend's kernel reads a growing prefix, so a compiled step takes the static path)."""
+    from sa_train import kernels
+
+    if backend == "triton" and not kernels.is_available():
+        pytest.skip("triton cannot run here")
+    model = build("mixed-spans-gqa", backend)
     graphs = []
 
     def count_graphs(graph_module, _inputs):
@@ -152,6 +158,21 @@ def test_decode_step_compiles_once_and_replays_for_every_token(fresh_dynamo):
             cache.advance()
             torch.testing.assert_close(logits, want[:, position], atol=1e-4, rtol=1e-4)
     assert len(graphs) == 1
+
+
+def test_compiled_generation_equals_eager_and_writes_the_cache_in_place(fresh_dynamo):
+    """Inductor's step gives the eager tokens, and no loop of its code spans a layer's whole value cache:
+    a write into the view ``values[layer]`` once made every compiled step copy the group's cache."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = build("small-mixed-gqa", "torch")
+    prompts = torch.randint(0, 97, (2, 5))
+    want = model.generate(prompts, max_new_tokens=6)
+    got, code = run_and_get_code(model.generate, prompts, max_new_tokens=6, compile=True)
+    assert got == want
+    cache = KVCache(model.config, batch_size=2, max_len=5 + 6 - 1)
+    layer_elements = cache.groups[1].values[0].numel()
+    assert code and all(f"({layer_elements}L)" not in source for source in code)
 
 
 def test_prompt_lengths_that_do_not_fit_the_cache_are_a_clear_error():
