@@ -91,3 +91,14 @@ def test_compiled_blocks_have_no_graph_break() -> None:
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("groups", GROUPS[:2], ids=str)
+def test_compiled_generation_is_captured_once_and_equals_eager(groups: object) -> None:
+    """The compiled step on CUDA (a CUDA graph replayed per token) gives the eager step's tokens."""
+    torch._dynamo.reset()
+    (model,) = _models(groups, ["triton"])
+    prompts = _ids(batch=4, seq=100)
+    want = model.eval().generate(prompts, max_new_tokens=32)
+    assert model.generate(prompts, max_new_tokens=32, compile=True) == want
+    assert model.generate(prompts, max_new_tokens=32, compile=True) == want  # replayed, not recompiled
