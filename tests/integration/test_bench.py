@@ -33,9 +33,16 @@ def test_bench_reports_every_suite_as_json(tmp_path, capsys):
         assert train[key] > 0, key
     assert train["flop_ratio"] > 1  # 2 of 4 layers skip Q/K
     assert {train[v]["mode"] for v in ("sa", "dense", "hf")} == {"eager"}
-    assert dec["sa_vs_hf"] > 0 and dec["sa_vs_dense"] > 0
+    for key in ("sa_vs_hf", "sa_vs_dense", "decode_sa_vs_hf", "decode_sa_vs_dense"):
+        assert dec[key] > 0, key
     assert set(dec["settings"]) == {"b1_p8", "b1_p16", "b2_p8", "b2_p16"}
-    held = dec["settings"]["b2_p16"]["kv_cache_bytes"]
+    row = dec["settings"]["b2_p16"]
+    assert row["mode"] == {"sa": "eager", "dense": "eager", "hf": "eager"}
+    for variant in ("sa", "dense", "hf"):
+        # Decode only leaves out the prefill, so it is faster than end to end.
+        assert row["decode_tokens_per_sec"][variant] > row["tokens_per_sec"][variant] * (4 - 1) / 4
+        assert row["peak_memory_bytes"][variant] is None  # measured on CUDA only
+    held = row["kv_cache_bytes"]
     assert held["sa"] / held["dense"] == (4 + 2) / 8
     assert data["tokenise_mb_per_sec"] > 0 and data["loader_share_of_step"] > 0
     assert "SA / dense" in capsys.readouterr().out
