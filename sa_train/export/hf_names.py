@@ -133,9 +133,10 @@ def sa_config_from_hf(fields: dict[str, Any], source: str) -> SAConfig:
     for name, value in FIXED_FIELDS.items():
         if fields.get(name, value) != value:
             raise ConfigError(
-                f"{source}: {name} is {json.dumps(fields[name])}, and SAModel computes only {name}="
-                f"{json.dumps(value)} (a SiLU-gated MLP, projections without bias), so the converted model "
-                f"would compute another function. Give a Llama model with {name} {json.dumps(value)}."
+                f"{source}: {name} is {json.dumps(fields[name])}, and SAModel computes only {name} "
+                f"{json.dumps(value)} (its MLP is SiLU-gated, its projections have no bias), so the "
+                "converted model would compute another function. Give a Llama model with "
+                f"{name} {json.dumps(value)}."
             )
     missing = [hf for _, hf in CONFIG_NAMES if hf not in fields and hf not in LLAMA_DEFAULTS]
     if missing:

@@ -46,6 +46,8 @@ def read_hf_folder(folder: str | os.PathLike[str]) -> ModelCheckpoint:
     any weight is read. Raises ConfigError for a model SAModel cannot compute exactly and CheckpointError for
     missing or unreadable files and weights that do not fit the config."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"--hf: no folder at {folder}. {FOLDER_HELP}")
     config = sa_config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     tokenizer_json = _read_tokenizer(folder, config)
     state = _to_sa_state_dict(_read_weights(folder), config, folder)

@@ -90,7 +90,8 @@ REFUSED = [
     ({"hidden_size": None}, "does not state hidden_size"),
     (
         {"num_key_value_heads": 3},
-        "(model.config.n_heads is num_attention_heads there; model.config.n_kv_heads is num_key_value_heads there): model.config.n_kv_heads=3 does not divide",
+        "(model.config.n_heads is num_attention_heads there; model.config.n_kv_heads is num_key_value_heads "
+        "there): model.config.n_kv_heads=3 does not divide",
     ),
 ]
 
@@ -105,7 +106,9 @@ def test_what_samodel_cannot_compute_exactly_is_refused(fields, expected):
 
 
 def test_missing_and_foreign_files_are_one_clear_error(tmp_path):
-    assert "no config.json in" in refusal(tmp_path / "nowhere")
+    assert "no folder at" in refusal(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    assert "no config.json in" in refusal(tmp_path / "empty")
 
     write_llama_folder(tmp_path, tokenizer=False)
     assert "no tokenizer.json in" in refusal(tmp_path)
