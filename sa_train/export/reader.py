@@ -1,8 +1,9 @@
 """Read a local Hugging Face Llama folder as a dense sa_train model: the input of ``convert --hf``.
 
 The folder is what ``save_pretrained`` writes: ``config.json``, the weights (``model.safetensors``, its
-shards with ``model.safetensors.index.json``, or the pickle-free ``weights_only`` read of
-``pytorch_model.bin`` and its shards) and the fast tokenizer's ``tokenizer.json``. Config and names go
+shards with ``model.safetensors.index.json``, or ``pytorch_model.bin`` and its shards, read by torch's
+``weights_only`` unpickler, which builds tensors and nothing else) and the fast tokenizer's
+``tokenizer.json``. Config and names go
 through :mod:`sa_train.export.hf_names`, the table export writes with, so import and export cannot drift
 apart. Nothing here imports transformers: a folder is plain JSON and tensors, and convert runs with the
 core dependencies alone. The result is the :class:`~sa_train.checkpoint.ModelCheckpoint` that

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_llama import LLAMA, write_llama_folder
+from safetensors.torch import load_file
 
 from sa_train import SAConfig, SAModel
 from sa_train.errors import CheckpointError, ConfigError
@@ -48,7 +49,9 @@ def test_imported_model_computes_the_llama_logits(tmp_path, layout):
         assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     if layout == "pytorch_model.bin":
         (tmp_path / "model.safetensors").unlink()
-        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+        # With the RoPE table transformers before 4.31 saved beside the weights (derived, so skipped).
+        inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+        torch.save({**hf.state_dict(), **inv_freq}, tmp_path / "pytorch_model.bin")
     saved = read_hf_folder(tmp_path)
     assert saved.config.is_dense and saved.config.rope_theta == 5000.0
     assert saved.config.tie_embeddings == bool(extra.get("tie_word_embeddings"))
@@ -126,5 +129,13 @@ def test_missing_and_foreign_files_are_one_clear_error(tmp_path):
     assert "missing model.layers.4.input_layernorm.weight" in refusal(tmp_path)
     edit_config(tmp_path, num_hidden_layers=4, intermediate_size=128)
     assert "model.layers.0.mlp.gate_proj.weight is (160, 64), not (128, 64)" in refusal(tmp_path)
+    edit_config(tmp_path, intermediate_size=160)
+    weights = {
+        **load_file(tmp_path / "model.safetensors"),
+        "model.layers.0.self_attn.q_proj.bias": torch.zeros(64),
+    }
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    assert "unexpected model.layers.0.self_attn.q_proj.bias" in refusal(tmp_path)
     edit_config(tmp_path, vocab_size=100)
     assert "but config.json's vocab_size is 100" in refusal(tmp_path)
