@@ -311,7 +311,10 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
         _tool("analyze"),
         "cross-layer attention similarity of a checkpoint and the SA groups it suggests",
     ),
-    "convert": (_tool("convert"), "retrofit a dense checkpoint into an SA one (heads matched to anchors)"),
+    "convert": (
+        _tool("convert"),
+        "retrofit a dense checkpoint or Hugging Face Llama folder into an SA one (heads matched to anchors)",
+    ),
     "bench": (_tool("bench"), "training, decode and data speed of SA beside its dense twin and HF Llama"),
 }
 

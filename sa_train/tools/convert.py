@@ -1,13 +1,19 @@
-"""``python -m sa_train convert --checkpoint DENSE_CKPT --groups SPEC --out SA_CKPT``: retrofit a trained
-dense model into an SA model (:mod:`sa_train.convert`), reporting held-out perplexity before and after.
+"""``python -m sa_train convert (--checkpoint DENSE_CKPT | --hf LLAMA_DIR) --groups SPEC --out SA_CKPT``:
+retrofit a trained dense model into an SA model (:mod:`sa_train.convert`), reporting held-out perplexity
+before and after.
 
-The output is a checkpoint that ``validate`` scores and that ``fit`` fine-tunes from with
-``--model.init_from SA_CKPT`` (and the same ``model.config.sa_groups``).
+The dense model is a sa_train checkpoint or a local Hugging Face Llama folder
+(:mod:`sa_train.export.reader`); both arrive as the same checkpoint data, so one path converts them. The
+output is a checkpoint that ``validate`` scores and that ``fit`` fine-tunes from with
+``--model.init_from SA_CKPT`` (and the same ``model.config``: the groups, and for a Llama folder the
+architecture it declared and its tokenizer, which the printed command spells out).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,8 +25,10 @@ from tokenizers import Tokenizer
 
 from sa_train.analysis import attention_maps, batches_of
 from sa_train.checkpoint import add_model_entries, atomic_torch_save, read_checkpoint
+from sa_train.config import SAConfig
 from sa_train.convert import convert_to_sa
 from sa_train.errors import CheckpointError, ConfigError, DataError
+from sa_train.export.reader import read_hf_folder
 from sa_train.model import SAModel
 from sa_train.tools import tool_parser
 from sa_train.tools.analyze import read_texts
@@ -33,9 +41,23 @@ def perplexity(model: SAModel, batch: torch.Tensor) -> float:
     return math.exp(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).item())
 
 
+def fine_tune_overrides(config: SAConfig, hf: Path | None) -> list[str]:
+    """The ``fit`` options that make its model the converted one: the groups; for a Llama folder, whose
+    architecture no sa_train config states yet, every field and the folder's tokenizer as well."""
+    if hf is None:
+        return [f"--model.config.sa_groups '{config.groups}'"]
+    fields = {name: value for name, value in config.to_dict().items() if name != "attention_backend"}
+    overrides = [f"--model.config.{name} {shlex.quote(json.dumps(value))}" for name, value in fields.items()]
+    return [*overrides, f"--data.tokenizer {shlex.quote(str(hf / 'tokenizer.json'))}"]
+
+
 def main(argv: Sequence[str]) -> None:
     parser = tool_parser("convert", __doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a dense model's checkpoint")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a dense model's checkpoint")
+    source.add_argument(
+        "--hf", type=Path, help="a local Hugging Face Llama folder (config.json, weights, tokenizer.json)"
+    )
     parser.add_argument("--groups", required=True, help="SA groups: every:G, dense:D,every:G or a list")
     parser.add_argument("--out", type=Path, required=True, help="the SA checkpoint to write")
     parser.add_argument("--no-head-matching", action="store_true", help="keep every layer's head order")
@@ -48,7 +70,7 @@ def main(argv: Sequence[str]) -> None:
             f"--out: {args.out} exists; give a new path (convert never overwrites a checkpoint)."
         )
 
-    saved = read_checkpoint(args.checkpoint)
+    saved = read_hf_folder(args.hf) if args.hf else read_checkpoint(args.checkpoint)
     if saved.tokenizer_json is None:
         raise CheckpointError(
             f"{args.checkpoint} carries no tokenizer; convert needs one to read held-out text."
@@ -87,5 +109,5 @@ def main(argv: Sequence[str]) -> None:
         f"held-out perplexity ({batch.numel()} tokens): dense {perplexity(dense, batch):.2f}, converted "
         f"{perplexity(converted, batch):.2f} ({heads})"
     )
-    groups_arg = f"--model.config.sa_groups '{converted.config.groups}'"
-    print(f"fine-tune: python -m sa_train fit --config ... {groups_arg} --model.init_from {args.out}")
+    overrides = " ".join(fine_tune_overrides(converted.config, args.hf))
+    print(f"fine-tune: python -m sa_train fit --config ... {overrides} --model.init_from {args.out}")

@@ -3,11 +3,13 @@ no traceback. Add a row when a new kind of user error is handled."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from hf_llama import write_llama_folder
 from test_cli import run_cli, tiny_run_config
 
 from sa_train import SAConfig, SAModel
@@ -79,6 +81,26 @@ def metrics_without_training(folder: Path) -> Path:
     return run
 
 
+def llama_folder(folder: Path, tokenizer: bool = True, **config) -> Path:
+    """A Hugging Face Llama folder of ``config`` (see hf_llama), or without its tokenizer.json."""
+    path = folder / "llama"
+    write_llama_folder(path, tokenizer, **config)
+    return path
+
+
+def llama_with_rope_scaling(folder: Path) -> Path:
+    """The rope_scaling entry transformers before 5.0 wrote (Llama 3.1 style), beside a default rope."""
+    path = llama_folder(folder)
+    config = json.loads((path / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def convert_args(source: list[str], folder: Path) -> list[str]:
+    return ["convert", *source, "--groups", "every:2", f"--out={folder / 'sa.ckpt'}"]
+
+
 CKPT_CASES = [
     (truncated_checkpoint, "cannot be read as a checkpoint"),
     (not_a_checkpoint, "cannot be read as a checkpoint"),
@@ -140,6 +162,31 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
         "plot-malformed-csv",
         lambda d, c: ["plot", str(malformed_metrics(d)), f"--out={d / 'loss.png'}"],
         "is not a metrics.csv",
+    ),
+    (
+        "convert-hf-rope-scaling",
+        lambda d, c: convert_args(["--hf", str(llama_with_rope_scaling(d))], d),
+        'rope_scaling asks for RoPE of type "llama3"',
+    ),
+    (
+        "convert-hf-attention-bias",
+        lambda d, c: convert_args(["--hf", str(llama_folder(d, attention_bias=True))], d),
+        "attention_bias is true",
+    ),
+    (
+        "convert-hf-no-tokenizer",
+        lambda d, c: convert_args(["--hf", str(llama_folder(d, tokenizer=False))], d),
+        "no tokenizer.json in",
+    ),
+    (
+        "convert-checkpoint-and-hf",
+        lambda d, c: convert_args(["--checkpoint", str(d / "dense.ckpt"), "--hf", str(d / "llama")], d),
+        "argument --hf: not allowed with argument --checkpoint",
+    ),
+    (
+        "convert-no-source",
+        lambda d, c: convert_args([], d),
+        "one of the arguments --checkpoint --hf is required",
     ),
     (
         "plot-no-training",

@@ -1,10 +1,16 @@
-"""convert on a trained dense checkpoint: the result validates and fine-tunes through the CLI."""
+"""convert on a trained dense checkpoint or a Hugging Face Llama folder: the result validates and
+fine-tunes through the CLI."""
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
+import torch
+from hf_llama import write_llama_folder
 from test_cli import run_cli, tiny_run_config
 
+from sa_train import SAModel
 from sa_train.checkpoint import read_checkpoint
 
 
@@ -34,3 +40,47 @@ def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys):
 
     code, _, err = run_cli(args, capsys)  # the output exists now
     assert code == 2 and "--out" in err
+
+
+def convert_llama_folder(tmp_path, small_corpus, capsys) -> tuple[str, object]:
+    """convert --hf on a small random Llama folder; returns convert's output and the Llama model."""
+    llama = write_llama_folder(tmp_path / "llama")
+    held_out = ["--data", str(small_corpus), "--text-field", "body", "--tokens", "512"]
+    args = [
+        "convert",
+        "--hf",
+        str(tmp_path / "llama"),
+        "--groups",
+        "every:2",
+        "--out",
+        str(tmp_path / "sa.ckpt"),
+    ]
+    code, out, err = run_cli([*args, *held_out], capsys)
+    assert code == 0, err
+    return out, llama
+
+
+def test_convert_a_hugging_face_llama_folder(tmp_path, small_corpus, capsys):
+    out, llama = convert_llama_folder(tmp_path, small_corpus, capsys)
+    assert "held-out perplexity (512 tokens)" in out and "heads matched" in out
+    saved = read_checkpoint(tmp_path / "sa.ckpt")
+    assert saved.config.groups == [[0, 1], [2, 3]] and saved.config.n_kv_heads == 2
+    assert saved.tokenizer_json == (tmp_path / "llama" / "tokenizer.json").read_text()
+    # Anchors keep the Llama's Q/K untouched (only shared layers' heads are permuted).
+    model = SAModel.from_checkpoint(tmp_path / "sa.ckpt")
+    q = llama.model.layers[2].self_attn.q_proj.weight
+    assert torch.equal(model.layers[2].attn.q_proj.weight, q) and not hasattr(model.layers[3].attn, "q_proj")
+
+
+@pytest.mark.slow
+def test_the_printed_command_fine_tunes_a_converted_llama(tmp_path, small_corpus, capsys):
+    out, _ = convert_llama_folder(tmp_path, small_corpus, capsys)
+    hint = next(line for line in out.splitlines() if line.startswith("fine-tune:"))
+    overrides = shlex.split(hint.split("--config ...", 1)[1])
+    config = str(tiny_run_config(tmp_path, small_corpus))
+    architecture = overrides[: overrides.index("--model.init_from")]
+    validate = ["validate", "--config", config, *architecture, f"--ckpt_path={tmp_path / 'sa.ckpt'}"]
+    code, _, err = run_cli(validate, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["fit", "--config", config, *overrides, "--trainer.max_steps=2"], capsys)
+    assert code == 0, err
