@@ -131,9 +131,16 @@ def peak_flops(device: torch.device) -> dict[str, float | None]:
 
 
 def train_suite(
-    config: SAConfig, batch: int, seq_len: int, device: torch.device, rounds: int, modes: Sequence[bool]
+    config: SAConfig,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    rounds: int,
+    modes: Sequence[bool],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s of a training step per variant at its best mode, the ratios, and MFU."""
+    """Tokens/s of a training step per variant at its best mode, the ratios, and MFU; with ``profile``,
+    a profile of each variant's best mode (:func:`write_profile`)."""
     steps_per_round = 3
     timers: dict[str, Callable[[], float]] = {}
     with tqdm(total=len(VARIANTS) * len(modes), desc="train: build and warm up", leave=False) as progress:
@@ -172,6 +179,7 @@ def train_suite(
             "mfu": rate * flops[variant] / peak["measured"],
             "mfu_table": rate * flops[variant] / peak["table"] if peak["table"] else None,
         }
+        write_profile(profile, f"train-{variant}-{mode}", device, timers[f"{variant}/{mode}"])
     result["sa_vs_dense"] = result["sa"]["tokens_per_sec"] / result["dense"]["tokens_per_sec"]
     result["sa_vs_hf"] = result["sa"]["tokens_per_sec"] / result["hf"]["tokens_per_sec"]
     result["mfu_dense"] = result["dense"]["mfu"]
@@ -182,6 +190,23 @@ def train_suite(
 def _spread(seconds: list[float]) -> float:
     """(max - min) / median of a variant's round times: how noisy its figure is."""
     return (max(seconds) - min(seconds)) / statistics.median(seconds)
+
+
+def write_profile(folder: Path | None, name: str, device: torch.device, call: Callable[[], object]) -> None:
+    """One more ``call`` under torch.profiler, into ``folder``: ``name``.txt, the 30 operators that took
+    the most time of their own, and ``name``.json, its trace (chrome://tracing or ui.perfetto.dev)."""
+    if folder is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        call()
+        synchronize(device)
+    order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text(profiler.key_averages().table(sort_by=order, row_limit=30))
+    profiler.export_chrome_trace(str(folder / f"{name}.json"))
 
 
 def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> None:
@@ -236,9 +261,11 @@ def decode_suite(
     device: torch.device,
     rounds: int,
     modes: Sequence[bool],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """New tokens/s per variant, batch and prompt length: end to end (prefill included) and decode only,
-    each variant at its best mode; the KV bytes held and, on CUDA, the peak memory.
+    each variant at its best mode; the KV bytes held and, on CUDA, the peak memory. With ``profile``, a
+    profile of each variant's best mode at the headline setting (batch 4, the shortest prompt).
 
     Decode only is (new − 1) tokens per row over the time of a ``new``-token generation less that of a
     one-token generation (prefill and the first token) of the same prompts, both timed in each round.
@@ -250,6 +277,8 @@ def decode_suite(
         for compiled in modes
     }
     settings = [(b, p) for b in batches for p in prompts]
+    names = [f"b{batch}_p{prompt}" for batch, prompt in settings]
+    headline_name = f"b4_p{min(prompts)}" if f"b4_p{min(prompts)}" in names else names[0]
     results: dict[str, Any] = {"new_tokens": new, "settings": {}}
     element = 2 if device.type == "cuda" else 4
     total = len(settings) * len(runners) * (rounds + 1)
@@ -280,6 +309,9 @@ def decode_suite(
                 row["tokens_per_sec"][variant] = batch * new / full
                 row["decode_tokens_per_sec"][variant] = batch * (new - 1) / max(full - one, 1e-9)
                 row["peak_memory_bytes"][variant] = peak if device.type == "cuda" else None
+                if f"b{batch}_p{prompt}" == headline_name:
+                    name = f"decode-{variant}-{mode}"
+                    write_profile(profile, name, device, timers[f"{variant}/{mode}"])
             rates, decode_rates = row["tokens_per_sec"], row["decode_tokens_per_sec"]
             row["sa_vs_hf"] = rates["sa"] / rates["hf"]
             row["sa_vs_dense"] = rates["sa"] / rates["dense"]
@@ -290,7 +322,7 @@ def decode_suite(
                 "dense": batch * (prompt + new) * kv_cache_bytes_per_token(dense_twin(config), element),
             }
             results["settings"][f"b{batch}_p{prompt}"] = row
-    headline = results["settings"].get(f"b4_p{min(prompts)}") or next(iter(results["settings"].values()))
+    headline = results["settings"][headline_name]
     longest = results["settings"].get(f"b4_p{max(prompts)}") or headline
     for key in ("sa_vs_hf", "decode_sa_vs_hf"):
         results[key] = headline[key]
@@ -408,6 +440,9 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--prompts", default="192,960", help="decode prompt lengths (192,960)")
     parser.add_argument("--new", type=int, default=64, help="decode new tokens (64)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    parser.add_argument(
+        "--profile", type=Path, help="folder for a torch.profiler table and trace of each model's best mode"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -418,11 +453,13 @@ def main(argv: Sequence[str]) -> None:
     report: dict[str, Any] = {"machine": machine(device), "config": config.to_dict()}
     modes = (False,) if args.no_compile else (False, True)
     if args.suite in ("train", "all"):
-        report["train"] = train_suite(config, batch, seq_len, device, args.rounds, modes)
+        report["train"] = train_suite(config, batch, seq_len, device, args.rounds, modes, args.profile)
     if args.suite in ("decode", "all"):
         batches = [int(b) for b in args.batches.split(",")]
         prompts = [int(p) for p in args.prompts.split(",")]
-        report["decode"] = decode_suite(config, batches, prompts, args.new, device, args.rounds, modes)
+        report["decode"] = decode_suite(
+            config, batches, prompts, args.new, device, args.rounds, modes, args.profile
+        )
     if args.suite in ("data", "all"):
         train = report.get("train")
         step = batch * seq_len / train["sa"]["tokens_per_sec"] if train else None

@@ -24,7 +24,18 @@ def test_bench_reports_every_suite_as_json(tmp_path, capsys):
     }
     config.write_text(yaml.safe_dump({"model": {"config": model}, "data": {"seq_len": 32, "batch_size": 2}}))
     out = tmp_path / "bench.json"
-    args = ["--config", str(config), "--no-compile", "--rounds", "2", "--json", str(out)]
+    profiles = tmp_path / "profiles"
+    args = [
+        "--config",
+        str(config),
+        "--no-compile",
+        "--rounds",
+        "2",
+        "--json",
+        str(out),
+        "--profile",
+        str(profiles),
+    ]
     decode = ["--batches", "1,2", "--prompts", "8,16", "--new", "4"]
     assert main(["bench", *args, *decode]) == 0
     report = json.loads(out.read_text())
@@ -46,3 +57,7 @@ def test_bench_reports_every_suite_as_json(tmp_path, capsys):
     assert held["sa"] / held["dense"] == (4 + 2) / 8
     assert data["tokenise_mb_per_sec"] > 0 and data["loader_share_of_step"] > 0
     assert "SA / dense" in capsys.readouterr().out
+    for suite in ("train", "decode"):
+        for variant in ("sa", "dense", "hf"):
+            table = (profiles / f"{suite}-{variant}-eager.txt").read_text()
+            assert "aten::mm" in table and (profiles / f"{suite}-{variant}-eager.json").stat().st_size > 0
