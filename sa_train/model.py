@@ -166,14 +166,14 @@ class LayerGroup:
         if slot is not None:
             slot.keys[:, :, : k.shape[2]] = k
             slot.values[0, :, :, : v.shape[2]] = v
-        out, weights = backend.anchor(q, k, v, bool(self.followers), bias)
+        out, weights = backend.anchor(q, k, v, len(self.followers), bias)
         x = self.anchor(x, out)
         for layer, block in enumerate(self.followers, start=1):
             assert weights is not None
             v = block.attn.values(block.attn_norm(x))
             if slot is not None:
                 slot.values[layer, :, :, : v.shape[2]] = v
-            x = block(x, backend.shared(weights, v))
+            x = block(x, backend.shared(weights, layer, v))
         return x
 
     def decode(
