@@ -9,7 +9,8 @@ dP = Σ_l dO_l·V_l^T and D = Σ_l D_l. Two launchers split the work the way aut
   tile by tile from q, k and the anchor's lse;
 - ``anchor_backward`` (last): the anchor's dV, and dq, dk of the group from the anchor's dO, V and the
   shared layers' stacked dO_l, V_l (``follower_dout``, ``follower_v``) with D = D_anchor − dlse, where
-  dlse = −Σ_l D_l is the gradient autograd summed into the anchor's lse.
+  dlse is the gradient autograd summed into the anchor's lse: −Σ_l D_l from the shared layers, plus
+  that of any other use of lse, which this makes exact too.
 
 Matmuls of T×T×D size (each over the causal half) for a group of G layers, forward recompute of QK^T
 included: before, each layer ran a full backward, dk/dv kernel QK^T, dV, dP, dK plus dq kernel QK^T,
