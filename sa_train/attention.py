@@ -13,7 +13,8 @@ in how they compute this:
   trains 1.14x faster than dense this way, against 1.09-1.10x when every shared layer reruns SDPA
   with its anchor's q and k; a causally blocked P·V was no faster at T=256 (memory-bound);
 - ``triton``: fused kernels (``sa_train.kernels``) that keep P out of memory; the anchor hands its
-  q, k and per-row log-sum-exp to the shared layers (ungrouped layers keep SDPA).
+  q, k, per-row log-sum-exp and one link per shared layer to the shared layers (ungrouped layers keep
+  SDPA). Through the links the group's backward computes dq and dk once, in the anchor's backward.
 
 Tensors are (batch, heads, time, head_dim); k and v may have fewer heads than q (GQA: query head h
 reads kv head h // (n_heads / n_kv_heads)). ``bias`` (batch, 1, q_len, k_len), when given, is an
@@ -44,6 +45,7 @@ from sa_train.errors import ConfigError
 
 if TYPE_CHECKING:
     from sa_train.cache import KVCache
+    from sa_train.kernels import Link
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class GroupWeights:
     q: Tensor | None = None
     k: Tensor | None = None
     lse: Tensor | None = None
+    links: list[Link] | None = None
     bias: Tensor | None = None
     partials: Tensor | None = None
     p_last: Tensor | None = None
@@ -66,13 +69,15 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def anchor(
-        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, followers: int, bias: Tensor | None = None
     ) -> tuple[Tensor, GroupWeights | None]:
-        """Causal attention of an anchor; with ``share`` also the weights its group's layers reuse."""
+        """Causal attention of an anchor; with ``followers`` shared layers in its group also the
+        weights they reuse."""
 
     @abstractmethod
-    def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
-        """A shared layer's output: its group's attention weights applied to its own values."""
+    def shared(self, weights: GroupWeights, layer: int, v: Tensor) -> Tensor:
+        """The output of the group's layer ``layer`` (1 = the first shared layer): its group's attention
+        weights applied to its own values."""
 
     def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
         """The new token's attention weights over the anchor's whole key cache (B, Hkv, max_len, D).
@@ -154,15 +159,15 @@ class ReferenceBackend(AttentionBackend):
     name = "reference"
 
     def anchor(
-        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, followers: int, bias: Tensor | None = None
     ) -> tuple[Tensor, GroupWeights | None]:
         if bias is None:
             probs = causal_probs(q.float(), k.float(), torch.float32)
         else:
             probs = padded_causal_probs(q.float(), k.float(), bias.float(), torch.float32)
-        return apply_probs(probs, v.float()).to(v.dtype), GroupWeights(probs=probs) if share else None
+        return apply_probs(probs, v.float()).to(v.dtype), GroupWeights(probs=probs) if followers else None
 
-    def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
+    def shared(self, weights: GroupWeights, layer: int, v: Tensor) -> Tensor:
         assert weights.probs is not None
         return apply_probs(weights.probs, v.float()).to(v.dtype)
 
@@ -180,9 +185,9 @@ class TorchBackend(AttentionBackend):
     name = "torch"
 
     def anchor(
-        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, followers: int, bias: Tensor | None = None
     ) -> tuple[Tensor, GroupWeights | None]:
-        if not share:
+        if not followers:
             causal = bias is None and q.shape[2] == k.shape[2]
             mask = bias
             if bias is None and not causal:
@@ -192,7 +197,7 @@ class TorchBackend(AttentionBackend):
         probs = causal_probs(q, k, v.dtype) if bias is None else padded_causal_probs(q, k, bias, v.dtype)
         return apply_probs(probs, v), GroupWeights(probs=probs)
 
-    def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
+    def shared(self, weights: GroupWeights, layer: int, v: Tensor) -> Tensor:
         assert weights.probs is not None
         return apply_probs(weights.probs, v)
 
@@ -223,14 +228,14 @@ class TritonBackend(TorchBackend):
     name = "triton"
 
     def anchor(
-        self, q: Tensor, k: Tensor, v: Tensor, share: bool, bias: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, followers: int, bias: Tensor | None = None
     ) -> tuple[Tensor, GroupWeights | None]:
         from sa_train import kernels
 
-        if not share or bias is not None:
-            return super().anchor(q, k, v, share, bias)
-        out, lse = kernels.anchor_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
-        return out, GroupWeights(q=q, k=k, lse=lse)
+        if not followers or bias is not None:
+            return super().anchor(q, k, v, followers, bias)
+        out, lse, links = kernels.anchor_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]), followers)
+        return out, GroupWeights(q=q, k=k, lse=lse, links=links)
 
     def decode_anchor(self, q: Tensor, keys: Tensor, values: Tensor, cache: KVCache) -> GroupWeights:
         """The grouped decode kernel over the written prefix: one launch serves every layer's values.
@@ -255,13 +260,17 @@ class TritonBackend(TorchBackend):
             return super().decode_shared(weights, layer, values, v_new)
         return kernels.decode_finish(weights.partials[layer], weights.p_last, v_new)
 
-    def shared(self, weights: GroupWeights, v: Tensor) -> Tensor:
+    def shared(self, weights: GroupWeights, layer: int, v: Tensor) -> Tensor:
         from sa_train import kernels
 
         if weights.probs is not None:  # the anchor took the masked PyTorch path
-            return super().shared(weights, v)
+            return super().shared(weights, layer, v)
         assert weights.q is not None and weights.k is not None and weights.lse is not None
-        return kernels.shared_attention(weights.q, weights.k, weights.lse, v, 1.0 / math.sqrt(v.shape[-1]))
+        assert weights.links is not None
+        link = weights.links[layer - 1]
+        return kernels.shared_attention(
+            weights.q, weights.k, weights.lse, link, v, 1.0 / math.sqrt(v.shape[-1])
+        )
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {

@@ -165,14 +165,14 @@ class LayerGroup:
         slot = cache.groups[self.index] if cache is not None else None
         if slot is not None:
             slot.write_prefix(0, v, k)
-        out, weights = backend.anchor(q, k, v, bool(self.followers), bias)
+        out, weights = backend.anchor(q, k, v, len(self.followers), bias)
         x = self.anchor(x, out)
         for layer, block in enumerate(self.followers, start=1):
             assert weights is not None
             v = block.attn.values(block.attn_norm(x))
             if slot is not None:
                 slot.write_prefix(layer, v)
-            x = block(x, backend.shared(weights, v))
+            x = block(x, backend.shared(weights, layer, v))
         return x
 
     def decode(

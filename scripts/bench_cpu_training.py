@@ -31,11 +31,11 @@ class RecomputeWithSDPA(TorchBackend):
 
     name = "sdpa-recompute"
 
-    def anchor(self, q, k, v, share, bias=None):  # type: ignore[no-untyped-def]
-        out, _ = super().anchor(q, k, v, share=False, bias=bias)
-        return out, GroupWeights(q=q, k=k) if share else None
+    def anchor(self, q, k, v, followers, bias=None):  # type: ignore[no-untyped-def]
+        out, _ = super().anchor(q, k, v, followers=0, bias=bias)
+        return out, GroupWeights(q=q, k=k) if followers else None
 
-    def shared(self, weights: GroupWeights, v: torch.Tensor) -> torch.Tensor:
+    def shared(self, weights: GroupWeights, layer: int, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(weights.q, weights.k, v, is_causal=True, enable_gqa=True)
 
 

@@ -1,4 +1,11 @@
-"""Throughput of the SA anchor and shared kernels against PyTorch's flash SDPA (causal, bf16, CUDA only)."""
+"""Throughput of the SA kernels against PyTorch's flash SDPA (causal, bf16, CUDA only).
+
+Two tables. Per kernel: TFLOP/s of the anchor alone and of SDPA flash. Per group of ``--group-size``
+layers sharing one q, k (anchor + shared layers, every output in the loss): milliseconds for the
+forward and for forward + backward, fused kernels against SDPA run once per layer (the other exact way
+to share attention). The fused group's backward runs 4G + 3 matmuls of T×T×D to the 7G of G separate
+backwards (``sa_train.kernels.backward``); the second table is where that shows, or does not.
+"""
 
 import argparse
 import sys
@@ -10,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sa_train.kernels import anchor_attention, shared_attention
 
-BACKWARD_FLOP_RATIO = 2.5  # the backward runs five T×T matmuls to the forward's two
+BACKWARD_FLOP_RATIO = 2.5  # a lone layer's backward runs five T×T matmuls to the forward's two
 
 
 def _parse_args() -> argparse.Namespace:
@@ -19,6 +26,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden // head_dim")
+    parser.add_argument("--group-size", type=int, default=4, help="layers per SA group in the group table")
     parser.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement")
     return parser.parse_args()
 
@@ -35,33 +43,74 @@ def _time_ms(fn: Callable[[], object], grads: list[torch.Tensor], rep_ms: int) -
     return do_bench(fn, warmup=max(rep_ms // 4, 10), rep=rep_ms, grad_to_none=grads)
 
 
-def _bench_case(b: int, h: int, t: int, d: int, rep_ms: int) -> dict[str, tuple[float, float]]:
-    """TFLOP/s (fwd, fwd+bwd) for anchor, shared and SDPA flash at one shape."""
-    q, k, v = (
-        torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-    )
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _inputs(b: int, h: int, t: int, d: int, layers: int) -> list[torch.Tensor]:
+    """q, k and one v per layer, bf16 leaves on CUDA."""
+    return [
+        torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2 + layers)
+    ]
+
+
+def _bench_kernels(b: int, h: int, t: int, d: int, rep_ms: int) -> dict[str, tuple[float, float]]:
+    """TFLOP/s (fwd, fwd+bwd) of the anchor alone and of SDPA flash at one shape."""
+    q, k, v = leaves = _inputs(b, h, t, d, 1)
     dout = torch.randn_like(q)
     scale = d**-0.5
-    with torch.no_grad():
-        _, lse = anchor_attention(q, k, v, scale)
-
-    def sdpa() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-
     forwards: dict[str, Callable[[], torch.Tensor]] = {
         "anchor": lambda: anchor_attention(q, k, v, scale)[0],
-        "shared": lambda: shared_attention(q, k, lse, v, scale),
-        "sdpa-flash": sdpa,
+        "sdpa-flash": lambda: _sdpa(q, k, v, scale),
     }
     flops = _causal_fwd_flops(b, h, t, d)
     results = {}
     for name, forward in forwards.items():
         with torch.no_grad():
             fwd_ms = _time_ms(forward, [], rep_ms)
-        both_ms = _time_ms(lambda f=forward: f().backward(dout), [q, k, v], rep_ms)
+        both_ms = _time_ms(lambda f=forward: f().backward(dout), leaves, rep_ms)
         results[name] = (flops / fwd_ms / 1e9, flops * (1 + BACKWARD_FLOP_RATIO) / both_ms / 1e9)
     return results
+
+
+def _bench_group(b: int, h: int, t: int, d: int, layers: int, rep_ms: int) -> dict[str, tuple[float, float]]:
+    """Milliseconds (fwd, fwd+bwd) of a whole group: fused kernels, and SDPA once per layer."""
+    leaves = _inputs(b, h, t, d, layers)
+    q, k, vs = leaves[0], leaves[1], leaves[2:]
+    douts = [torch.randn_like(q) for _ in range(layers)]
+    scale = d**-0.5
+
+    def fused() -> list[torch.Tensor]:
+        out, lse, links = anchor_attention(q, k, vs[0], scale, followers=layers - 1)
+        return [
+            out,
+            *(shared_attention(q, k, lse, link, v, scale) for link, v in zip(links, vs[1:], strict=True)),
+        ]
+
+    def per_layer() -> list[torch.Tensor]:
+        return [_sdpa(q, k, v, scale) for v in vs]
+
+    results = {}
+    for name, forward in {"sa-fused": fused, "sdpa-per-layer": per_layer}.items():
+        with torch.no_grad():
+            fwd_ms = _time_ms(forward, [], rep_ms)
+        both_ms = _time_ms(lambda f=forward: torch.autograd.backward(f(), douts), leaves, rep_ms)
+        results[name] = (fwd_ms, both_ms)
+    return results
+
+
+def _table(
+    title: str, names: list[str], rows: Callable[[int, int], dict[str, tuple[float, float]]], args
+) -> None:
+    print(title)
+    print(f"{'D':>4} {'T':>6} " + " ".join(f"{n:>21}" for n in names))
+    for d in args.head_dims:
+        for t in args.seq_lens:
+            res = rows(d, t)
+            cells = " ".join(f"{res[n][0]:>9.2f} | {res[n][1]:>9.2f}" for n in names)
+            print(f"{d:>4} {t:>6} {cells}", flush=True)
 
 
 def main() -> int:
@@ -69,17 +118,19 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device, nothing measured.")
         return 0
-    names = ["anchor", "shared", "sdpa-flash"]
-    print(
-        f"causal bf16, batch {args.batch}, hidden {args.hidden}; TFLOP/s (fwd | fwd+bwd) on "
-        f"{torch.cuda.get_device_name()}"
+    print(f"causal bf16, batch {args.batch}, hidden {args.hidden}, on {torch.cuda.get_device_name()}")
+    _table(
+        "per kernel, TFLOP/s (fwd | fwd+bwd)",
+        ["anchor", "sdpa-flash"],
+        lambda d, t: _bench_kernels(args.batch, args.hidden // d, t, d, args.rep_ms),
+        args,
     )
-    print(f"{'D':>4} {'T':>6} " + " ".join(f"{n:>21}" for n in names))
-    for d in args.head_dims:
-        for t in args.seq_lens:
-            res = _bench_case(args.batch, args.hidden // d, t, d, args.rep_ms)
-            cells = " ".join(f"{res[n][0]:>9.1f} | {res[n][1]:>9.1f}" for n in names)
-            print(f"{d:>4} {t:>6} {cells}", flush=True)
+    _table(
+        f"group of {args.group_size} layers, ms (fwd | fwd+bwd)",
+        ["sa-fused", "sdpa-per-layer"],
+        lambda d, t: _bench_group(args.batch, args.hidden // d, t, d, args.group_size, args.rep_ms),
+        args,
+    )
     return 0
 
 

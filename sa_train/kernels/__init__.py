@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .finish import decode_finish
+from .link import Link
 from .reference import reference_anchor, reference_decode_group_partial, reference_shared
 
 try:
@@ -45,6 +46,7 @@ def is_available() -> bool:
 
 
 __all__ = [
+    "Link",
     "anchor_attention",
     "decode_finish",
     "decode_group_partial",

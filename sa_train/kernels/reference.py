@@ -26,15 +26,13 @@ def reference_anchor(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Ten
 
 
 def reference_shared(q: Tensor, k: Tensor, lse: Tensor, v: Tensor, scale: float) -> Tensor:
-    """O = exp(qk^T·scale − lse)·v with the given lse, differentiated through the full softmax.
+    """O = exp(qk^T·scale − lse)·v, differentiable in q, k, lse and v.
 
-    The value uses ``lse`` as given; the gradient behaves as if lse were recomputed from q and k,
-    which is what the shared kernel's backward does so that a group's gradients compose exactly.
+    Behind :func:`reference_anchor`'s (differentiable) lse this is exactly P·v with the group's softmax:
+    the gradient through lse supplies the softmax's normalisation term.
     """
     s = _causal_scores(q, k, scale)
-    live = torch.logsumexp(s, dim=-1)
-    norm = lse.detach().float() + (live - live.detach())
-    out = torch.matmul(torch.exp(s - norm.unsqueeze(-1)), _expand_kv(v, q.shape[1]).float())
+    out = torch.matmul(torch.exp(s - lse.float().unsqueeze(-1)), _expand_kv(v, q.shape[1]).float())
     return out.to(q.dtype)
 
 

@@ -48,13 +48,15 @@ def shared_memory_bytes(kernel: str, tiles: Tiles, head_dim: int, element_size: 
     pipeline stage of the tiles its loop streams, plus the fp32 score tile for one layout conversion.
 
     The stream-and-resident part reproduces what Triton reported on the H200 for fp32, D = 128 with the
-    bf16 forward tiles (128 x 64, 3 stages): 128·128·4 + 3·2·64·128·4 = 262144 bytes.
+    bf16 forward tiles (128 x 64, 3 stages): 128·128·4 + 3·2·64·128·4 = 262144 bytes. The backward
+    kernels also read one shared layer's dO_l and V_l tiles per step of their loop over a group's
+    shared layers; those are counted as streamed too, an estimate not yet checked against Triton.
     """
     m, n, d, stages = tiles.block_m, tiles.block_n, head_dim, tiles.num_stages
     resident, streamed = {
         "forward": (m * d, 2 * n * d),  # q stays; k, v stream
-        "dq": (2 * m * d, 2 * n * d),  # q, dO stay; k, v stream
-        "dkdv": (2 * n * d, 2 * m * d),  # k, v stay; q, dO stream
+        "dq": (2 * m * d, 3 * n * d + m * d),  # q, dO stay; k, v and a shared layer's dO_l, V_l stream
+        "dkdv": (2 * n * d, 3 * m * d + n * d),  # k, v stay; q, dO and a shared layer's dO_l, V_l stream
         "decode": (m * d, 2 * n * d),  # the group's query heads stay; k, v stream
     }[kernel]
     return element_size * (resident + stages * streamed) + 4 * m * n

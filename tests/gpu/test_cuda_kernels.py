@@ -61,24 +61,28 @@ def test_group_forward_and_backward(dtype: torch.dtype, b: int, h: int, hkv: int
 
     def run(attend, shared, cast: torch.dtype):
         leaves = [x.detach().to(cast).requires_grad_() for x in (q, k, v, v2)]
-        out, lse = attend(*leaves[:3])
-        out2 = shared(leaves[0], leaves[1], lse, leaves[3])
+        out, lse, link = attend(*leaves[:3])
+        out2 = shared(leaves[0], leaves[1], lse, link, leaves[3])
         ((out.float() * go1).sum() + (out2.float() * go2).sum()).backward()
         return [out, out2, *(x.grad for x in leaves)], lse
 
+    def kernel_anchor(q_, k_, v_):
+        out, lse, (link,) = sk.anchor_attention(q_, k_, v_, scale, followers=1)
+        return out, lse, link
+
     want, _ = run(
-        lambda q_, k_, v_: sk.reference_anchor(q_, k_, v_, scale),
-        lambda q_, k_, lse, v_: sk.reference_shared(q_, k_, lse, v_, scale),
+        lambda q_, k_, v_: (*sk.reference_anchor(q_, k_, v_, scale), None),
+        lambda q_, k_, lse, _link, v_: sk.reference_shared(q_, k_, lse, v_, scale),
         torch.float32,
     )
     got, lse = run(
-        lambda q_, k_, v_: sk.anchor_attention(q_, k_, v_, scale),
-        lambda q_, k_, lse, v_: sk.shared_attention(q_, k_, lse, v_, scale),
+        kernel_anchor,
+        lambda q_, k_, lse, link, v_: sk.shared_attention(q_, k_, lse, link, v_, scale),
         dtype,
     )
     yard, _ = run(
-        lambda q_, k_, v_: (_sdpa(q_, k_, v_, scale), None),
-        lambda q_, k_, _lse, v_: _sdpa(q_, k_, v_, scale),
+        lambda q_, k_, v_: (_sdpa(q_, k_, v_, scale), None, None),
+        lambda q_, k_, _lse, _link, v_: _sdpa(q_, k_, v_, scale),
         dtype,
     )
     assert all(g.dtype == dtype for g in got)

@@ -4,6 +4,7 @@ Triton fixes interpreter-vs-compiler when it is first imported, so ``tests/conft
 TRITON_INTERPRET=1 before anything imports it; without the flag these CPU-tensor tests are skipped.
 """
 
+import collections
 import os
 import subprocess
 import sys
@@ -72,43 +73,64 @@ def test_anchor_and_shared_forward(b: int, h: int, hkv: int, t: int, d: int) -> 
     q, k, v = _qkv(b, h, hkv, t, d)
     v2 = torch.randn_like(v)
     scale = d**-0.5
-    out, lse = sk.anchor_attention(q, k, v, scale)
+    out, lse, (link,) = sk.anchor_attention(q, k, v, scale, followers=1)
     ref_out, ref_lse = sk.reference_anchor(q, k, v, scale)
     assert out.shape == (b, h, t, d) and out.dtype == q.dtype
     assert lse.shape == (b, h, t) and lse.dtype == torch.float32
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=RTOL)
-    shared = sk.shared_attention(q, k, lse, v2, scale)
+    shared = sk.shared_attention(q, k, lse, link, v2, scale)
     torch.testing.assert_close(shared, sk.reference_shared(q, k, ref_lse, v2, scale), atol=ATOL, rtol=RTOL)
 
 
 def test_fp16_forward() -> None:
     q, k, v = (x.half() for x in _qkv(1, 2, 1, 17, 16))
-    out, lse = sk.anchor_attention(q, k, v, 0.25)
+    out, lse, _ = sk.anchor_attention(q, k, v, 0.25)
     ref_out, ref_lse = sk.reference_anchor(q, k, v, 0.25)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
 
 
-Anchor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-Shared = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Group = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _kernel_group(scale: float) -> Group:
+    """Every layer's output: the anchor on vs[0], a shared layer on each of vs[1:], as in a model."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out, lse, links = sk.anchor_attention(q, k, vs[0], scale, followers=len(vs) - 1)
+        shared = [
+            sk.shared_attention(q, k, lse, link, v, scale) for link, v in zip(links, vs[1:], strict=True)
+        ]
+        return [out, *shared]
+
+    return run
+
+
+def _reference_group(scale: float) -> Group:
+    def run(q: torch.Tensor, k: torch.Tensor, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out, lse = sk.reference_anchor(q, k, vs[0], scale)
+        return [out, *(sk.reference_shared(q, k, lse, v, scale) for v in vs[1:])]
+
+    return run
+
+
+def _independent_group(scale: float) -> Group:
+    """The definition: every layer recomputes softmax(qk^T·scale) itself."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [sk.reference_anchor(q, k, v, scale)[0] for v in vs]
+
+    return run
 
 
 def _group_loss(
-    attend_anchor: Anchor,
-    attend_shared: Shared,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    vs: list[torch.Tensor],
-    weights: list[torch.Tensor],
+    group: Group, q: torch.Tensor, k: torch.Tensor, vs: list[torch.Tensor], weights: list[torch.Tensor | None]
 ) -> torch.Tensor:
-    """Anchor on vs[0], shared layers on vs[1:], every output in the loss, as in a real group."""
-    out, lse = attend_anchor(q, k, vs[0])
-    loss = (out.float() * weights[0]).sum()
-    for v, w in zip(vs[1:], weights[1:], strict=True):
-        loss = loss + (attend_shared(q, k, lse, v).float() * w).sum()
-    return loss
+    """Each layer's output weighted into the loss; a layer whose weight is None is left out of it."""
+    outs = group(q, k, vs)
+    return sum((out.float() * w).sum() for out, w in zip(outs, weights, strict=True) if w is not None)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +138,11 @@ def _group_loss(
     [
         (2, 4, 2, 17, 16, 3),
         (1, 2, 1, 33, 32, 4),
+        (1, 4, 1, 65, 16, 4),
         (1, 2, 2, 64, 16, 3),
+        (1, 2, 2, 17, 16, 1),
+        (1, 2, 1, 1, 16, 3),
+        (1, 2, 1, 130, 16, 2),
         (1, 2, 1, 20, 64, 2),
         (1, 2, 2, 9, 128, 2),
     ],
@@ -125,30 +151,40 @@ def test_group_gradients(b: int, h: int, hkv: int, t: int, d: int, layers: int) 
     q, k, v = _qkv(b, h, hkv, t, d, seed=1)
     gen = torch.Generator().manual_seed(2)
     vs = [v] + [torch.randn(v.shape, generator=gen) for _ in range(layers - 1)]
-    weights = [torch.randn(b, h, t, d, generator=gen) for _ in range(layers)]
+    weights: list[torch.Tensor | None] = [torch.randn(b, h, t, d, generator=gen) for _ in range(layers)]
     scale = d**-0.5
     leaves = [x.detach().requires_grad_() for x in (q, k, *vs)]
 
-    def grads(attend_anchor: Anchor, attend_shared: Shared) -> tuple[torch.Tensor, ...]:
-        loss = _group_loss(attend_anchor, attend_shared, leaves[0], leaves[1], leaves[2:], weights)
-        return torch.autograd.grad(loss, leaves)
+    def grads(group: Group) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(_group_loss(group, leaves[0], leaves[1], leaves[2:], weights), leaves)
 
-    got = grads(
-        lambda q_, k_, v_: sk.anchor_attention(q_, k_, v_, scale),
-        lambda q_, k_, lse, v_: sk.shared_attention(q_, k_, lse, v_, scale),
-    )
-    via_reference = grads(
-        lambda q_, k_, v_: sk.reference_anchor(q_, k_, v_, scale),
-        lambda q_, k_, lse, v_: sk.reference_shared(q_, k_, lse, v_, scale),
-    )
-    independent = grads(
-        lambda q_, k_, v_: sk.reference_anchor(q_, k_, v_, scale),
-        lambda q_, k_, _lse, v_: sk.reference_anchor(q_, k_, v_, scale)[0],
-    )
+    got = grads(_kernel_group(scale))
+    via_reference = grads(_reference_group(scale))
+    independent = grads(_independent_group(scale))
     names = ["q", "k"] + [f"v{i}" for i in range(layers)]
     for name, g, ref, ind in zip(names, got, via_reference, independent, strict=True):
         torch.testing.assert_close(g, ref, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
         torch.testing.assert_close(ref, ind, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"ref d{n}: {m}")
+
+
+def test_group_gradients_with_layers_left_out_of_the_loss() -> None:
+    """A shared layer outside the loss sends its anchor no link gradient; one in it still counts."""
+    q, k, v = _qkv(1, 4, 2, 17, 16, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    vs = [v] + [torch.randn(v.shape, generator=gen) for _ in range(3)]
+    weights = [None, torch.randn(1, 4, 17, 16, generator=gen), None, torch.randn(1, 4, 17, 16, generator=gen)]
+    leaves = [x.detach().requires_grad_() for x in (q, k, *vs)]
+    got, want = (
+        torch.autograd.grad(
+            _group_loss(group(0.25), leaves[0], leaves[1], leaves[2:], weights), leaves, allow_unused=True
+        )
+        for group in (_kernel_group, _independent_group)
+    )
+    for name, g, ref in zip(["q", "k", "v0", "v1", "v2", "v3"], got, want, strict=True):
+        if ref is None:
+            assert g is None or g.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(g, ref, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def _group_gradients_match_reference(
@@ -158,25 +194,15 @@ def _group_gradients_match_reference(
     q, k, v = _qkv(b, h, hkv, t, d, seed=t)
     gen = torch.Generator().manual_seed(d + t)
     vs = [v] + [torch.randn(v.shape, generator=gen) for _ in range(layers - 1)]
-    weights = [torch.randn(b, h, t, d, generator=gen) for _ in range(layers)]
+    weights: list[torch.Tensor | None] = [torch.randn(b, h, t, d, generator=gen) for _ in range(layers)]
     scale = d**-0.5
     inputs = (q, k, *vs)
 
-    def grads(leaves: list[torch.Tensor], anchor: Anchor, shared: Shared) -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(
-            _group_loss(anchor, shared, leaves[0], leaves[1], leaves[2:], weights), leaves
-        )
+    def grads(leaves: list[torch.Tensor], group: Group) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(_group_loss(group, leaves[0], leaves[1], leaves[2:], weights), leaves)
 
-    got = grads(
-        [x.detach().to(dtype).requires_grad_() for x in inputs],
-        lambda q_, k_, v_: sk.anchor_attention(q_, k_, v_, scale),
-        lambda q_, k_, lse, v_: sk.shared_attention(q_, k_, lse, v_, scale),
-    )
-    want = grads(
-        [x.detach().to(dtype).float().requires_grad_() for x in inputs],
-        lambda q_, k_, v_: sk.reference_anchor(q_, k_, v_, scale),
-        lambda q_, k_, lse, v_: sk.reference_shared(q_, k_, lse, v_, scale),
-    )
+    got = grads([x.detach().to(dtype).requires_grad_() for x in inputs], _kernel_group(scale))
+    want = grads([x.detach().to(dtype).float().requires_grad_() for x in inputs], _reference_group(scale))
     names = ["q", "k"] + [f"v{i}" for i in range(layers)]
     for name, g, ref in zip(names, got, want, strict=True):
         assert g.dtype == dtype
@@ -190,16 +216,18 @@ GPU_TILE_SEQ_LENS = [1, 2, 17, 63, 65, 130]
 @pytest.mark.parametrize("t", GPU_TILE_SEQ_LENS)
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_tiles_in_interpreter(t: int, d: int) -> None:
-    """The GPU tile shapes (128-row query tiles, 32-row dk/dv query tiles, ...) run in the interpreter.
+    """The GPU tile shapes (128-row query tiles, 32-row dk/dv query tiles, ...) run in the interpreter,
+    for a group of three (the anchor's backward loops over two shared layers).
 
     T = 1 is the case that looked broken on the H200: a row that sees one key has P = 1, so
     dS = P∘(dP − rowsum(P∘dP)) = 0 and the exact dq, dk are zero; the kernels return rounding noise
-    (~1e-6 here), which a relative error divided by that zero blows up to 1e5-1e9.
+    (~1e-6 here), which a relative error divided by that zero blows up to 1e5-1e9. The fp32 reference
+    sums the layers' dP and their rowsums in different orders, so it is zero only to rounding too.
     """
     with gpu_tiles():
-        want = _group_gradients_match_reference(1, 2, 1, t, d, 2, torch.float32, ATOL)
+        want = _group_gradients_match_reference(1, 2, 1, t, d, 3, torch.float32, ATOL)
     if t == 1:
-        assert want[0].abs().max() == 0 and want[1].abs().max() == 0
+        assert want[0].abs().max() < 1e-6 and want[1].abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("t", [1, 65])
@@ -208,7 +236,7 @@ def test_gpu_tiles_in_interpreter_fp16(t: int) -> None:
     uint16 and its tl.dot multiplies the bit patterns (triton-lang/triton#11584, unsupported upstream);
     tests/gpu covers bf16 on CUDA."""
     with gpu_tiles():
-        _group_gradients_match_reference(1, 2, 1, t, 64, 2, torch.float16, 1e-2)
+        _group_gradients_match_reference(1, 2, 1, t, 64, 3, torch.float16, 1e-2)
 
 
 def test_shared_memory_model_reproduces_the_h200_failure() -> None:
@@ -258,30 +286,95 @@ def test_fp32_head_dim_128_runs_at_the_tiles_chosen_for_the_h200() -> None:
     chosen = select_tiles(torch.float32, 128, H200_SHARED_MEMORY)
     assert chosen.forward != select_tiles(torch.bfloat16, 128, H200_SHARED_MEMORY).forward
     with gpu_tiles(H200_SHARED_MEMORY):
-        _group_gradients_match_reference(1, 2, 1, 65, 128, 2, torch.float32, ATOL)
+        _group_gradients_match_reference(1, 2, 1, 65, 128, 4, torch.float32, ATOL)
 
 
-def test_lse_carries_no_gradient() -> None:
-    q, k, v = (x.detach().requires_grad_() for x in _qkv(1, 2, 1, 17, 16))
-    _, lse = sk.anchor_attention(q, k, v, 0.25)
-    assert not lse.requires_grad
-    lse_leaf = lse.detach().requires_grad_()
-    shared = sk.shared_attention(q, k, lse_leaf, v, 0.25)
-    gq, glse = torch.autograd.grad(shared.sum(), (q, lse_leaf), allow_unused=True)
-    assert gq is not None and glse is None
+def test_lse_gradient_is_exact() -> None:
+    """lse is an ordinary output: a loss that reads it, beside the shared layer that does, gets its
+    gradient."""
+    q, k, v = _qkv(1, 2, 1, 17, 16, seed=9)
+    v1 = torch.randn(v.shape, generator=torch.Generator().manual_seed(10))
+
+    def kernels(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, v1_: torch.Tensor) -> torch.Tensor:
+        out, lse, (link,) = sk.anchor_attention(q_, k_, v_, 0.25, followers=1)
+        return out.sum() + sk.shared_attention(q_, k_, lse, link, v1_, 0.25).sin().sum() + lse.cos().sum()
+
+    def reference(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, v1_: torch.Tensor) -> torch.Tensor:
+        out, lse = sk.reference_anchor(q_, k_, v_, 0.25)
+        return out.sum() + sk.reference_shared(q_, k_, lse, v1_, 0.25).sin().sum() + lse.cos().sum()
+
+    got, want = (
+        torch.autograd.grad(loss(*leaves), leaves)
+        for loss in (kernels, reference)
+        for leaves in [[x.detach().requires_grad_() for x in (q, k, v, v1)]]
+    )
+    for name, g, ref in zip(["q", "k", "v0", "v1"], got, want, strict=True):
+        torch.testing.assert_close(g, ref, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_shared_backward_leaves_q_and_k_to_the_anchor() -> None:
+    """A shared layer's backward returns no dq, dk: its link's gradient is (dO, V), lse's −rowsum(dO∘O)."""
+    q, k, v = _qkv(1, 4, 2, 17, 16, seed=11)
+    _, lse, (link,) = sk.anchor_attention(q, k, v, 0.25, followers=1)
+    v1 = torch.randn(v.shape, generator=torch.Generator().manual_seed(12))
+    leaves = [x.detach().requires_grad_() for x in (q, k, lse, link.dout, link.value, v1)]
+    out = sk.shared_attention(leaves[0], leaves[1], leaves[2], sk.Link(leaves[3], leaves[4]), leaves[5], 0.25)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
+    dq, dk, dlse, link_dout, link_value, dv = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+    assert dq is None and dk is None
+    torch.testing.assert_close(dlse, -(dout * out).sum(-1), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(link_dout, dout)
+    torch.testing.assert_close(link_value, v1)
+    (want_dv,) = torch.autograd.grad(sk.reference_shared(q, k, lse, leaves[5], 0.25), leaves[5], dout)
+    torch.testing.assert_close(dv, want_dv, atol=ATOL, rtol=RTOL)
+
+
+class _LaunchCounter:
+    """Stands in for a Triton kernel and counts launches by the value of one constexpr argument (all
+    under None without one)."""
+
+    def __init__(self, kernel: object, key: str | None = None) -> None:
+        self.kernel, self.key, self.launches = kernel, key, collections.Counter()
+
+    def __getitem__(self, grid: tuple) -> Callable:
+        def launch(*args: object, **kwargs: object) -> object:
+            self.launches[kwargs.get(self.key) if self.key else None] += 1
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_group_backward_computes_dq_and_dk_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group of four: one dq and one dk pass (the anchor's), a dv-only pass per shared layer."""
+    from sa_train.kernels import backward
+
+    dq = _LaunchCounter(backward._dq_kernel)
+    dkdv = _LaunchCounter(backward._dkdv_kernel, "WITH_DK")
+    monkeypatch.setattr(backward, "_dq_kernel", dq)
+    monkeypatch.setattr(backward, "_dkdv_kernel", dkdv)
+    q, k, v = (x.detach().requires_grad_() for x in _qkv(1, 2, 1, 17, 16, seed=14))
+    vs = [v] + [torch.randn(v.shape).requires_grad_() for _ in range(3)]
+    sum(out.sum() for out in _kernel_group(0.25)(q, k, vs)).backward()
+    assert dq.launches == {None: 1}
+    assert dkdv.launches == {True: 1, False: 3}
 
 
 GroupFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def _compile_case() -> tuple[GroupFn, list[torch.Tensor], torch.Tensor]:
-    """A group of three layers between element-wise ops, as a block would surround them."""
+def _compile_case(
+    compile_op: Callable[[Callable], Callable],
+) -> tuple[GroupFn, list[torch.Tensor], torch.Tensor]:
+    """A group of three layers between element-wise ops, as a block would surround them, with the lse in
+    the loss too; ``compile_op`` wraps each kernel call (the identity, or one graph per call)."""
+    anchor = compile_op(lambda q, k, v: sk.anchor_attention(q, k, v, 0.25, followers=2))
+    shared = compile_op(lambda q, k, lse, link, v: sk.shared_attention(q, k, lse, link, v, 0.25))
 
     def group(q, k, v0, v1, v2, w):
-        out, lse = sk.anchor_attention(q, k, v0, 0.25)
-        o1 = sk.shared_attention(q, k, lse, v1, 0.25)
-        o2 = sk.shared_attention(q, k, lse, v2, 0.25)
-        return ((out + 2 * o1 + o2.sin()) * w).sum(), lse
+        out, lse, links = anchor(q, k, v0)
+        o1 = shared(q, k, lse, links[0], v1)
+        o2 = shared(q, k, lse, links[1], v2)
+        return ((out + 2 * o1 + o2.sin()) * w).sum() + lse.cos().sum(), lse
 
     q, k, v0 = _qkv(1, 4, 2, 19, 16, seed=5)
     gen = torch.Generator().manual_seed(6)
@@ -290,14 +383,20 @@ def _compile_case() -> tuple[GroupFn, list[torch.Tensor], torch.Tensor]:
     return group, leaves, torch.randn(1, 4, 19, 16, generator=gen)
 
 
-def _check_compiled_group(backend: str, dynamic: bool) -> None:
-    group, leaves, w = _compile_case()
+def _check_compiled_group(backend: str, dynamic: bool, per_op: bool = False) -> None:
+    """The whole group as one graph, or (``per_op``) each kernel call as its own graph, so that the
+    links cross graph boundaries as they do when a model compiles block by block."""
+    group, leaves, w = _compile_case(lambda fn: fn)
     want_loss, want_lse = group(*leaves, w)
     want = torch.autograd.grad(want_loss, leaves)
     torch._dynamo.reset()
-    compiled = torch.compile(group, fullgraph=True, backend=backend, dynamic=dynamic)
-    loss, lse = compiled(*leaves, w)
-    assert not lse.requires_grad
+    if per_op:
+        group, _, _ = _compile_case(
+            lambda fn: torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)
+        )
+    else:
+        group = torch.compile(group, fullgraph=True, backend=backend, dynamic=dynamic)
+    loss, lse = group(*leaves, w)
     got = torch.autograd.grad(loss, leaves)
     torch.testing.assert_close(loss, want_loss, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(lse, want_lse, atol=ATOL, rtol=RTOL)
@@ -312,34 +411,52 @@ def test_compiled_group_has_no_graph_break_and_matches_eager(dynamic: bool) -> N
     _check_compiled_group("aot_eager", dynamic)
 
 
+def test_compiled_per_op_passes_links_between_graphs() -> None:
+    _check_compiled_group("aot_eager", dynamic=False, per_op=True)
+
+
 @pytest.mark.slow
 def test_compiled_group_with_inductor() -> None:
     """Inductor on CPU (needs a C++ compiler, ~20 s) calls the operators as extern kernels."""
     _check_compiled_group("inductor", dynamic=False)
 
 
-def _opcheck_cases() -> dict[str, tuple]:
+def _opcheck_cases() -> dict[str, tuple[str, tuple]]:
+    """Case name: (operator, arguments)."""
     q, k, v = _qkv(1, 2, 1, 5, 16, seed=7)
     out, lse = sk.reference_anchor(q, k, v, 0.25)
-    leaf = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaf = [x.clone().requires_grad_() for x in (q, k, v, lse)]
     gen = torch.Generator().manual_seed(8)
+    dout, dlse = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+    follower_v = [torch.randn(v.shape, generator=gen) for _ in range(2)]
+    follower_dout = [torch.randn(q.shape, generator=gen) for _ in range(2)]
+    links = (torch.zeros(q.shape, requires_grad=True), torch.zeros(v.shape, requires_grad=True))
     return {
-        "anchor_forward": (*leaf, 0.25),
-        "shared_forward": (leaf[0], leaf[1], lse, leaf[2], 0.25),
-        "attention_backward": (q, k, v, out, torch.randn(out.shape, generator=gen), lse, 0.25),
+        "anchor_forward": ("anchor_forward", (*leaf[:3], 0.25, 2)),
+        "shared_forward": ("shared_forward", (leaf[0], leaf[1], leaf[3], *links, leaf[2], 0.25)),
+        "anchor_backward": (
+            "anchor_backward",
+            (q, k, v, out, dout, lse, dlse, follower_v, follower_dout, 0.25),
+        ),
+        "anchor_backward_alone": ("anchor_backward", (q, k, v, out, dout, lse, None, [], [], 0.25)),
+        "shared_backward": ("shared_backward", (q, k, v, out, dout, lse, 0.25)),
         "decode_group_partial": (
-            torch.randn(1, 2, 1, 16, generator=gen),
-            torch.randn(1, 1, 5, 16, generator=gen),
-            torch.randn(2, 1, 1, 4, 16, generator=gen),
-            0.25,
+            "decode_group_partial",
+            (
+                torch.randn(1, 2, 1, 16, generator=gen),
+                torch.randn(1, 1, 5, 16, generator=gen),
+                torch.randn(2, 1, 1, 4, 16, generator=gen),
+                0.25,
+            ),
         ),
     }
 
 
-@pytest.mark.parametrize("name", list(_opcheck_cases()))
-def test_operator_registration_passes_opcheck(name: str) -> None:
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_operator_registration_passes_opcheck(case: str) -> None:
     """Schema, fake implementation (shapes, dtypes, strides), autograd registration, AOT dispatch."""
-    torch.library.opcheck(getattr(torch.ops.sa_train, name), _opcheck_cases()[name])
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.sa_train, name), args)
 
 
 @pytest.mark.parametrize(
@@ -393,14 +510,21 @@ def test_import_without_triton() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("groups", [[[0], [1, 2, 3]], "every:2"], ids=["dense-then-3", "pairs"])
-def test_model_with_triton_backend_matches_reference(groups) -> None:
-    """The kernels wired into SAModel: logits and every parameter gradient equal the materialised path."""
+@pytest.mark.parametrize(
+    ("groups", "kv_heads", "checkpointed"),
+    [([[0], [1, 2, 3]], 2, False), ("every:2", 2, False), ("every:4", 1, True)],
+    ids=["dense-then-3", "pairs", "four-mqa-checkpointed"],
+)
+def test_model_with_triton_backend_matches_reference(groups, kv_heads: int, checkpointed: bool) -> None:
+    """The kernels wired into SAModel: logits and every parameter gradient equal the materialised path,
+    also when each group's activations are recomputed in backward (the links are made anew)."""
     from sa_train import SAConfig, SAModel
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=50, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=32, init_std=0.1)
+    shape = dict(vocab_size=50, d_model=64, n_layers=4, n_heads=4, max_seq_len=32, init_std=0.1)
+    shape["n_kv_heads"] = kv_heads
     triton_model = SAModel(SAConfig(**shape, sa_groups=groups, attention_backend="triton"))
+    triton_model.checkpoint_groups = checkpointed
     reference = SAModel(SAConfig(**shape, sa_groups=groups, attention_backend="reference"))
     reference.load_state_dict(triton_model.state_dict())
     ids = torch.randint(0, 50, (2, 17))
@@ -427,7 +551,9 @@ def test_triton_backend_refuses_a_head_size_the_kernels_cannot_tile() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
 def test_kernel_benchmark_without_cuda_says_so_and_measures_nothing() -> None:
     script = REPO_ROOT / "scripts" / "bench_kernels.py"
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=_subprocess_env(), check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "no CUDA device, nothing measured" in result.stdout
     assert "TFLOP" not in result.stdout
