@@ -7,7 +7,6 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from sa_train import SAConfig, SAModel  # noqa: E402
-from sa_train.attention import get_backend  # noqa: E402
 
 GROUPS = ["every:4", "dense:2,every:3", [[0], [1, 2], [3, 4, 5, 6, 7]]]
 SHAPE = dict(
@@ -65,28 +64,16 @@ def test_triton_backend_in_bf16_is_as_close_as_the_torch_backend(groups: object)
     assert worst_ours <= 2 * worst_torch + 1e-3, (worst_ours, worst_torch)
 
 
-def test_compiled_blocks_have_no_graph_break() -> None:
-    """Every block compiled with fullgraph=True (Inductor): a graph break anywhere inside one raises.
-
-    The blocks are driven the way SAModel.forward drives them, so the anchor's weights flow from block
-    to block; logits and gradients match the eager model.
-    """
+def test_compiled_model_has_no_graph_break() -> None:
+    """The whole model compiled with fullgraph=True (Inductor, the Triton kernels as custom operators):
+    a graph break anywhere raises; logits and gradients match the eager model."""
     torch.manual_seed(0)
     (model,) = _models("dense:2,every:3", ["triton"])
     ids = _ids(seq=512)
-    backend = get_backend("triton", "cuda", model.config.head_dim)
-    blocks = [torch.compile(block, fullgraph=True) for block in model.layers]
-
-    def compiled_forward() -> torch.Tensor:
-        rope = model.rope(torch.arange(ids.shape[1], device="cuda"))
-        x, weights = model.embed(ids), None
-        for block in blocks:
-            x, weights = block(x, rope, weights, backend)
-        return model.lm_head(model.norm(x))
-
+    compiled = torch.compile(model, fullgraph=True)
     want = model(ids)
     want_grads = torch.autograd.grad(want.sum(), list(model.parameters()))
-    got = compiled_forward()
+    got = compiled(ids)
     got_grads = torch.autograd.grad(got.sum(), list(model.parameters()))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for g, w in zip(got_grads, want_grads, strict=True):
