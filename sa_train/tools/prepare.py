@@ -12,8 +12,8 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile
 
-from sa_train.cli import SAArgumentParser
 from sa_train.data import TokenDataModule
+from sa_train.trainer_cli import SAArgumentParser
 
 
 def main(argv: Sequence[str]) -> None:

@@ -20,8 +20,9 @@ from test_cli import run_module, tiny_run_config
 from sa_train import SAModel
 from sa_train.checkpoint import read_checkpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO
-from sa_train.cli import SACLI, main
+from sa_train.cli import main
 from sa_train.errors import CheckpointError
+from sa_train.trainer_cli import SACLI
 
 # The DDP and accumulation tests need no DeepSpeed; `pip install -e ".[dev]"` installs it for the rest.
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="no DeepSpeed")

@@ -1,0 +1,283 @@
+"""The trainer commands (fit, validate, test): sa_train's LightningCLI and its pre-flight checks.
+
+LightningCLI builds the model, the data and the Trainer from a YAML file and ``--section.key`` flags;
+:class:`SACLI` adds what sa_train promises on top: one-paragraph errors for bad options (with
+suggestions, never an abbreviation taken silently), checks of the data against the model and of the
+checkpoint to resume before anything is written, atomic checkpoint writes, and the resolved config
+saved into the run folder only once a fit has passed those checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+from sa_train.callbacks import LastStepCheckpoint, StepProgressBar, relink_last_checkpoint
+from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint_io import AtomicCheckpointIO
+from sa_train.config import SAConfig
+from sa_train.data import TokenDataModule
+from sa_train.errors import CheckpointError, ConfigError
+from sa_train.training import CausalLM, check_data_fits_model
+
+# SAConfig fields that shape the weights: a checkpoint that differs in one cannot be loaded into the model.
+WEIGHT_SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "tie_embeddings",
+    "sa_groups",
+)
+# Values of ckpt_path that Lightning resolves itself rather than reading as a path.
+LIGHTNING_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
+
+# Strategies that save checkpoint folders themselves instead of handing a dict to a CheckpointIO.
+SELF_WRITING_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+
+TRAINER_COMMANDS = {
+    "fit": "train a model (resume with --ckpt_path)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split (documents no other command reads)",
+}
+
+
+class SAArgumentParser(LightningArgumentParser):
+    """Parse errors as one paragraph: what is wrong and where the options are, no usage dump.
+
+    Abbreviations are refused: with argparse's default, ``--model.config.n_layer 4`` silently set
+    ``n_layers`` and a typo could change an experiment without a word.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        hint = _suggestions(message, parser)
+        sys.stderr.write(f"error: {message}{hint}\nRun `{prog} --help` for the accepted options.\n")
+        self.exit(2)
+
+
+def _suggestions(message: str, parser: argparse.ArgumentParser) -> str:
+    """' Did you mean --x?' for each unrecognised option close to a real one (typos, abbreviations)."""
+    if not message.startswith("unrecognized arguments"):
+        return ""
+    known = [name for name in parser._option_string_actions if name.startswith("--")]
+    hints = []
+    for word in message.split(":", 1)[1].split():
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.8)
+            hints += [f"{close[0]} (not {word.split('=', 1)[0]})"] if close else []
+    return f". Did you mean {', '.join(hints)}?" if hints else ""
+
+
+class SaveConfigAfterChecks(SaveConfigCallback):
+    """Saves the resolved config into the run folder once ``fit`` has passed its pre-flight checks.
+
+    Lightning's callback writes it at setup, before the model's own checks, so a refused fit left a run
+    folder holding only ``config.yaml``. ``validate`` and ``test`` report on a run; they save no config.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Deferred to :meth:`on_fit_start`."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
+class SACLI(LightningCLI):
+    """LightningCLI wired to sa_train's module and data, with atomic checkpoint writes."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            CausalLM,
+            TokenDataModule,
+            seed_everything_default=1234,
+            # Step-based runs: val_check_interval counts optimizer steps across epochs, so a run whose
+            # interval exceeds one epoch validates instead of failing Lightning's per-epoch check.
+            # Lightning's model summary prints a FLOPs column of zeros for this model (the FLOP-counting
+            # forward it needs made Dynamo skip the model); InferenceCost prints sizes and costs instead.
+            trainer_defaults={"check_val_every_n_epoch": None, "enable_model_summary": False},
+            save_config_callback=SaveConfigAfterChecks,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "python -m sa_train"},
+            parser_class=SAArgumentParser,
+            # The model builds its own AdamW and schedule: a CLI --optimizer would silently replace them.
+            auto_configure_optimizers=False,
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """After parsing, and before LightningCLI itself opens --ckpt_path (for its hyperparameters), fail
+        when that is not a readable sa_train checkpoint of the config's architecture; before ``fit``
+        resumes, point a ``last.ckpt`` that a kill left one save behind at the newest checkpoint."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
+            return
+        if subcommand == "fit":
+            relink_last_checkpoint(Path(ckpt_path))
+        try:
+            saved = read_checkpoint(ckpt_path).config
+        except CheckpointError as error:
+            raise ConfigError(f"ckpt_path: {error}") from error
+        wanted = SAConfig(**self.config[subcommand]["model"]["config"].as_dict())
+        differ = [name for name in WEIGHT_SHAPE_FIELDS if getattr(saved, name) != getattr(wanted, name)]
+        if differ:
+            raise ConfigError(
+                f"ckpt_path: {ckpt_path} holds a different architecture than the config: "
+                + "; ".join(
+                    f"model.config.{n} is {getattr(saved, n)} there, {getattr(wanted, n)} here"
+                    for n in differ
+                )
+                + ". Use the config the checkpoint was trained with (config.yaml in its run folder), or drop "
+                "--ckpt_path to train this architecture from scratch."
+            )
+
+    def before_fit(self) -> None:
+        """Model-vs-data checks before Lightning creates the run folder (a refused fit leaves none)."""
+        check_data_fits_model(self.model.config, self.datamodule)
+
+    def before_validate(self) -> None:
+        self._require_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._require_checkpoint("test")
+
+    def _require_checkpoint(self, command: str) -> None:
+        """Evaluating a freshly initialised model reports a loss that means nothing (8.39 on sa-tiny)."""
+        if not self.config[command].get("ckpt_path"):
+            raise ConfigError(
+                f"{command} needs --ckpt_path: the checkpoint to evaluate, e.g. "
+                "runs/<name>/version_<N>/checkpoints/last.ckpt (without one it would report on an untrained "
+                "model)."
+            )
+
+    def _evaluation_outputs(self, callbacks: list[Any]) -> dict[str, Any]:
+        """validate/test of a run's checkpoint write their metrics into that run's folder
+        (``<run>/validate/metrics.csv``), not a new ``version_N`` beside it, and carry no checkpoint
+        callbacks (they save nothing, and Lightning warned that their folder had changed)."""
+        outputs: dict[str, Any] = {
+            "callbacks": [c for c in callbacks if not isinstance(c, ModelCheckpoint)],
+            "enable_checkpointing": False,
+        }
+        checkpoint = Path(str(self.config[self.subcommand].get("ckpt_path") or ""))
+        if checkpoint.parent.name == "checkpoints":
+            run = checkpoint.parent.parent
+            outputs["logger"] = CSVLogger(save_dir=run, name="", version=self.subcommand)
+        return outputs
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Adds a LastStepCheckpoint when the config names no checkpoint callback (Lightning's default one
+        saves only at epoch ends, which step-bounded LM runs may never reach), and atomic checkpoint IO where
+        the strategy writes through Lightning's CheckpointIO. DeepSpeed (and FSDP, model-parallel) write
+        their own checkpoint folders, one shard per rank, and never call a CheckpointIO."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config["trainer"]
+        callbacks = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_checkpointing") is False:
+            # One flag switches checkpointing off, also when the config lists a checkpoint callback.
+            callbacks = kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if trainer_config.get("enable_checkpointing") is not False and not any(
+            isinstance(callback, ModelCheckpoint) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, LastStepCheckpoint(save_last=True)]
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StepProgressBar()]
+        _check_gpu_is_there(trainer_config.get("accelerator"))
+        if self.subcommand in ("validate", "test"):
+            kwargs.update(self._evaluation_outputs(callbacks))
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as error:  # Lightning's answer to an unknown strategy or accelerator name
+            raise ConfigError(f"trainer: {error}") from error
+        strategy = trainer.strategy
+        if (
+            isinstance(strategy, DeepSpeedStrategy)
+            and not isinstance(trainer.accelerator, CUDAAccelerator)
+            and type(strategy).setup_environment is DeepSpeedStrategy.setup_environment
+        ):
+            raise ConfigError(
+                "trainer.strategy: Lightning's DeepSpeed strategy runs only on CUDA GPUs, but this run's "
+                f"accelerator is {type(trainer.accelerator).__name__} (CUDA available: "
+                f"{torch.cuda.is_available()}). On a CPU-only machine use trainer.strategy=ddp (or auto); "
+                "for DeepSpeed run on a machine with NVIDIA GPUs and trainer.accelerator=gpu."
+            )
+        if isinstance(strategy, DeepSpeedStrategy):
+            _check_deepspeed_offload(strategy)
+        if isinstance(strategy, DeepSpeedStrategy) and self.datamodule is not None:
+            # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
+            # sa_train's resumable loader does not have (Lightning then fails with an AttributeError).
+            strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.batch_size)
+        _check_outputs_in_root_dir(trainer)
+        plugins = kwargs.get("plugins", trainer_config.get("plugins")) or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not isinstance(strategy, SELF_WRITING_STRATEGIES) and not any(
+            isinstance(plugin, CheckpointIO) for plugin in plugins
+        ):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def _check_outputs_in_root_dir(trainer: Trainer) -> None:
+    """With loggers, the first one's folder decides where metrics and checkpoints go; a
+    ``trainer.default_root_dir`` elsewhere would be silently ignored, so the two must agree."""
+    root, logger = Path(trainer.default_root_dir).resolve(), trainer.logger  # the first logger decides
+    if logger is not None and root != Path.cwd().resolve():
+        # CSV and TensorBoard loggers write into save_dir/name (their root_dir), wandb into save_dir.
+        folder = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+        if folder and not Path(folder).resolve().is_relative_to(root):
+            raise ConfigError(
+                f"trainer.default_root_dir={trainer.default_root_dir} but trainer.logger "
+                f"({type(logger).__name__}) writes to {folder}, which is where this run's metrics and "
+                "checkpoints would go. Set both to the same place, e.g. --trainer.default_root_dir X "
+                "--trainer.logger.init_args.save_dir X."
+            )
+
+
+def _check_gpu_is_there(accelerator: Any) -> None:
+    """A GPU config on a machine without one: say so and how to run it anyway (Lightning says only "No
+    supported gpu backend found!")."""
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this config asks for a GPU; this machine has no CUDA GPU "
+            "(or this torch build has no CUDA). To run it on the CPU anyway, add --trainer.accelerator cpu "
+            "--trainer.precision 32-true --trainer.strategy auto (slow at 350M parameters; the tiny configs "
+            "are made for CPUs)."
+        )
+
+
+def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:
+    """DeepSpeed refuses a client optimizer with optimizer offload (it wants its own CPU Adam, a compiled
+    op), and CausalLM builds torch's AdamW; say so before the run instead of from inside deepspeed.initialize.
+    """
+    zero = strategy.config.get("zero_optimization") or {}
+    if zero.get("offload_optimizer") and strategy.config.get("zero_force_ds_cpu_optimizer", True):
+        raise ConfigError(
+            "trainer.strategy.init_args.offload_optimizer=true: DeepSpeed offloads optimizer states only "
+            "with its own CPU Adam, and sa_train's model builds torch's AdamW. Set offload_optimizer to "
+            "false."
+        )
