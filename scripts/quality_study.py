@@ -610,18 +610,17 @@ def plot_curves(report: dict[str, Any], out: Path) -> Path:
                 smoothed = moving_average([loss for _, loss in losses], 10)
                 first = run["seed"] == settings["seeds"][0]
                 colour = colours[run["variant"]]
-                label = f"{run['variant']} ({run['groups']})" if first else None
+                groups = "" if run["variant"] == "dense" else f" ({run['groups']})"
+                label = run["variant"] + groups if first else None
                 ax.plot(x, smoothed, color=colour, linewidth=0.9, alpha=0.8, label=label)
-                val = [
-                    ((offset + tokens.get(step, run["train_tokens"])) / 1e6, loss)
-                    for step, loss in metrics.get("val/loss", [])
-                    if step > 0
-                ]
-                if val:
-                    ax.plot(*zip(*val, strict=True), "o", color=colour, markersize=4, alpha=0.8)
+                # Validation runs after the step it is logged at (0-based), not always a logging step.
+                per_step = run["train_tokens"] / run["steps"]
+                val = [((offset + (step + 1) * per_step) / 1e6, loss) for step, loss in metrics["val/loss"]]
+                ax.plot(*zip(*val, strict=True), "o", color=colour, markersize=4, alpha=0.8)
                 tail = smoothed[len(smoothed) // 5 :] or smoothed
-                floor = min(floor, *tail, *(loss for _, loss in val))
-                ceiling = max(ceiling, max(tail))
+                val_losses = [loss for _, loss in val]
+                floor = min(floor, *tail, *val_losses)
+                ceiling = max(ceiling, *tail, *val_losses)
             if math.isfinite(floor):
                 ax.set_ylim(floor - 0.1, ceiling + 0.1)
             ax.set_title(f"{shape_name}: {passes} pass{'es' if passes > 1 else ''}", fontsize=10)
