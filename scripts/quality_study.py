@@ -652,9 +652,9 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
     for name, shape in settings["shapes"].items():
         data = report["data"][name]
         parts.append(
-            f"**{name}** ({Shape(**shape).describe()}): {data['train_tokens']:,} training tokens per pass "
-            f"({data['steps_per_pass']} steps), {data['val_tokens']:,} validation tokens.\n\n"
-            + table(report, name)
+            f"**{name}** ({Shape(**shape).describe()}): {data['train_tokens']:,} training tokens; a pass is "
+            f"{data['steps_per_pass']} steps over {data['samples'] * shape['seq_len']:,} of them (whole "
+            f"samples); {data['val_tokens']:,} validation tokens.\n\n" + table(report, name)
         )
         analysis = report["analysis"].get(name)
         if analysis and analysis.get("suggested"):
