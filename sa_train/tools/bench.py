@@ -402,16 +402,16 @@ def format_report(report: dict[str, Any]) -> str:
             "included) | decode only"
         )
         header = f"  {'setting':<10}" + "".join(f"{name:>15}" for name in ("SA", "dense", "HF"))
-        lines.append(header + f"{'SA/HF':>13}{'SA/dense':>13}")
+        lines.append(header + f"{'SA/HF':>13}{'SA/dense':>13}  modes")
         for name, row in decode["settings"].items():
             rates, decode_rates = row["tokens_per_sec"], row["decode_tokens_per_sec"]
             cells = "".join(f"{rates[v]:>8,.0f} |{decode_rates[v]:>5,.0f}" for v in VARIANTS)
             ratios = "".join(
                 f"{row[key]:>7.2f} |{row[f'decode_{key}']:>4.2f}" for key in ("sa_vs_hf", "sa_vs_dense")
             )
-            lines.append(f"  {name:<10}{cells}{ratios}")
-        modes = next(iter(decode["settings"].values()))["mode"]
-        lines.append("  modes: " + ", ".join(f"{v} {modes[v]}" for v in VARIANTS))
+            modes = "/".join(row["mode"][v][0] for v in VARIANTS)
+            lines.append(f"  {name:<10}{cells}{ratios}  {modes}")
+        lines.append("  modes: SA/dense/HF, c = compiled, e = eager")
     data = report.get("data")
     if data:
         share = data["loader_share_of_step"]

@@ -40,12 +40,20 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
     for seed in (1, 2):
         dense, every4 = runs[("dense", seed, 1)], runs[("every4", seed, 1)]
         assert every4["results"]["kv_bytes_per_token"] < dense["results"]["kv_bytes_per_token"]
-        retrofit = runs[("retrofit", seed, 3)]
-        assert math.isfinite(retrofit["results"]["val_ppl_converted"])
-        assert retrofit["dense_tokens"] == runs[("dense", seed, 3)]["train_tokens"]
+        for variant in ("retrofit", "retrofit-unmatched"):
+            retrofit = runs[(variant, seed, 3)]
+            assert math.isfinite(retrofit["results"]["val_ppl_converted"])
+            assert retrofit["dense_tokens"] == runs[("dense", seed, 3)]["train_tokens"]
 
     table = (out / "table.md").read_text()
-    for label in ("| dense |", "| every2 |", "| every4 |", "| paper |", "retrofit, converted", "fine-tuned"):
+    for label in (
+        "| dense |",
+        "| every2 |",
+        "| every4 |",
+        "| paper |",
+        "retrofit, converted",
+        "retrofit-unmatched, fine-tuned",
+    ):
         assert label in table
     for png in (
         out / "loss.png",

@@ -119,6 +119,37 @@ def test_sa_model_matches_materialised_reference(groups, heads, backend):
         torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
+@pytest.mark.parametrize("groups", ["every:4", [[0], [1, 2, 3, 4], [5, 6]]], ids=str)
+def test_inference_path_without_gradients_equals_the_training_path(groups, padded):
+    """Without gradients the torch backend reruns SDPA in every layer of a group instead of materialising
+    P once: the same function, also under a padding mask (a prefill of left-padded prompts)."""
+    torch.manual_seed(0)
+    model = SAModel(SAConfig(**{**TINY, "n_layers": 7}, n_heads=4, n_kv_heads=2, sa_groups=groups))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11))
+    backend = model.backend
+    q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    bias = None
+    if padded:
+        positions = torch.arange(11)
+        allowed = (positions[None, :] <= positions[:, None]) & (
+            positions[None, :] >= torch.tensor([[0], [4]])[:, :, None]
+        )
+        allowed |= torch.eye(11, dtype=torch.bool)
+        bias = torch.zeros(2, 1, 11, 11).masked_fill(~allowed[:, None], float("-inf"))
+    with torch.enable_grad():
+        want_out, want_weights = backend.anchor(q, k, v, 2, bias)
+        want_shared = backend.shared(want_weights, 1, v.flip(-1))
+    with torch.no_grad():
+        got_out, got_weights = backend.anchor(q, k, v, 2, bias)
+        got_shared = backend.shared(got_weights, 1, v.flip(-1))
+        logits = model(ids)
+    assert want_weights.probs is not None and got_weights.probs is None
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_shared, want_shared, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, model(ids).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_shared_layers_have_no_query_key_parameters_and_feed_the_anchor():
     model = SAModel(SAConfig(**TINY, n_heads=4, sa_groups="every:4"))
     names = {name for name, _ in model.named_parameters()}
