@@ -594,7 +594,9 @@ def plot_curves(report: dict[str, Any], out: Path) -> Path:
 
     settings = report["settings"]
     shapes, budgets = list(settings["shapes"]), settings["passes"]
-    colours = dict(zip(VARIANTS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    colours = dict(
+        zip(VARIANTS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
+    )
     fig, axes = plt.subplots(
         len(shapes), len(budgets), figsize=(5.5 * len(budgets), 4 * len(shapes)), dpi=90, squeeze=False
     )
