@@ -307,7 +307,8 @@ def get_backend(name: str, device_type: str, head_dim: int) -> AttentionBackend:
             "TRITON_INTERPRET=1 for tests) and a head size (d_model / n_heads) that is a power of two "
             f">= 16 (here {head_dim}); use attention_backend: auto or torch."
         )
-    log.info("shared attention on %s uses the %s backend", device_type, name)
+    if device_type != "meta":  # a model on the meta device (shapes only) never computes attention
+        log.info("shared attention on %s uses the %s backend", device_type, name)
     return BACKENDS[name]()
 
 
