@@ -223,9 +223,7 @@ class TorchBackend(AttentionBackend):
     def decode_shared(self, weights: GroupWeights, layer: int, values: Tensor, v_new: Tensor) -> Tensor:
         if weights.probs is None:
             assert weights.q is not None and weights.k is not None
-            return F.scaled_dot_product_attention(
-                weights.q, weights.k, values[layer], attn_mask=weights.bias, enable_gqa=True
-            )
+            return _sdpa(weights.q, weights.k, values[layer], weights.bias)
         return super().decode_shared(weights, layer, values, v_new)
 
 
