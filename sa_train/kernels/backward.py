@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor, empty, float32
 
 from .flash import LOG2E, bht_strides, dot_precision
-from .tiles import kernel_tiles
+from .tiles import Tiles, launch
 
 
 @triton.jit
@@ -466,20 +466,25 @@ def _layer_strides(x: Tensor) -> tuple[int, int, int, int]:
 def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
     b, h, t, d = out.shape
     delta = empty((b, h, t), device=out.device, dtype=float32)
-    block_m = kernel_tiles(out.device, out.dtype, d).forward.block_m
-    _delta_kernel[(triton.cdiv(t, block_m), b * h)](
-        out,
-        dout,
-        delta if dlse is None else dlse,
-        delta,
-        *bht_strides(out),
-        *bht_strides(dout),
-        h,
-        t,
-        HEAD_DIM=d,
-        BLOCK_M=block_m,
-        HAS_DLSE=dlse is not None,
-    )
+
+    def run(tiles: Tiles) -> None:
+        _delta_kernel[(triton.cdiv(t, tiles.block_m), b * h)](
+            out,
+            dout,
+            delta if dlse is None else dlse,
+            delta,
+            *bht_strides(out),
+            *bht_strides(dout),
+            h,
+            t,
+            HEAD_DIM=d,
+            BLOCK_M=tiles.block_m,
+            HAS_DLSE=dlse is not None,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
+    launch("delta", out, {"dlse": dlse is not None}, run)
     return delta
 
 
@@ -499,39 +504,43 @@ def _dkdv(
     """Write dv, and dk when a buffer is given (then dP sums the followers' dO_l·V_l^T too)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
-    tiles = kernel_tiles(q.device, q.dtype, d).dkdv
-    _dkdv_kernel[(triton.cdiv(t, tiles.block_n), b * hkv)](
-        q,
-        k,
-        v,
-        dout,
-        follower_v,
-        follower_dout,
-        lse,
-        delta,
-        dv if dk is None else dk,
-        dv,
-        scale * LOG2E.value,
-        scale,
-        *bht_strides(q),
-        *bht_strides(k),
-        *bht_strides(v),
-        *bht_strides(dout),
-        *_layer_strides(follower_v),
-        *_layer_strides(follower_dout),
-        h,
-        hkv,
-        t,
-        h // hkv,
-        follower_v.shape[0],
-        HEAD_DIM=d,
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        WITH_DK=dk is not None,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    precision = dot_precision(q.dtype)
+
+    def run(tiles: Tiles) -> None:
+        _dkdv_kernel[(triton.cdiv(t, tiles.block_n), b * hkv)](
+            q,
+            k,
+            v,
+            dout,
+            follower_v,
+            follower_dout,
+            lse,
+            delta,
+            dv if dk is None else dk,
+            dv,
+            scale * LOG2E.value,
+            scale,
+            *bht_strides(q),
+            *bht_strides(k),
+            *bht_strides(v),
+            *bht_strides(dout),
+            *_layer_strides(follower_v),
+            *_layer_strides(follower_dout),
+            h,
+            hkv,
+            t,
+            h // hkv,
+            follower_v.shape[0],
+            HEAD_DIM=d,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            WITH_DK=dk is not None,
+            PRECISION=precision,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
+    launch("dkdv", q, {"dk": dk is not None, "precision": precision}, run)
 
 
 def shared_backward(
@@ -576,34 +585,38 @@ def anchor_backward(
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     _dkdv(q, k, v, dout, follower_v, follower_dout, lse, delta, scale, dk, dv)
     dq = empty((b, h, t, d), device=q.device, dtype=q.dtype)
-    tiles = kernel_tiles(q.device, q.dtype, d).dq
-    _dq_kernel[(triton.cdiv(t, tiles.block_m), b * h)](
-        q,
-        k,
-        v,
-        dout,
-        follower_v,
-        follower_dout,
-        lse,
-        delta,
-        dq,
-        scale * LOG2E.value,
-        scale,
-        *bht_strides(q),
-        *bht_strides(k),
-        *bht_strides(v),
-        *bht_strides(dout),
-        *_layer_strides(follower_v),
-        *_layer_strides(follower_dout),
-        h,
-        t,
-        h // k.shape[1],
-        follower_v.shape[0],
-        HEAD_DIM=d,
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    precision = dot_precision(q.dtype)
+
+    def run(tiles: Tiles) -> None:
+        _dq_kernel[(triton.cdiv(t, tiles.block_m), b * h)](
+            q,
+            k,
+            v,
+            dout,
+            follower_v,
+            follower_dout,
+            lse,
+            delta,
+            dq,
+            scale * LOG2E.value,
+            scale,
+            *bht_strides(q),
+            *bht_strides(k),
+            *bht_strides(v),
+            *bht_strides(dout),
+            *_layer_strides(follower_v),
+            *_layer_strides(follower_dout),
+            h,
+            t,
+            h // k.shape[1],
+            follower_v.shape[0],
+            HEAD_DIM=d,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            PRECISION=precision,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
+    launch("dq", q, {"precision": precision}, run)
     return dq, dk, dv

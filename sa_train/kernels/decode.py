@@ -11,7 +11,7 @@ from torch import Tensor, empty, float32
 
 from .checks import check_head_dim, check_same_kind
 from .flash import LOG2E, dot_precision
-from .tiles import kernel_tiles
+from .tiles import Tiles, launch
 
 
 @triton.jit
@@ -109,29 +109,32 @@ def launch_decode(q: Tensor, k_cache: Tensor, v_caches: Tensor, scale: float) ->
     partials = empty((g, b, h, d), device=q.device, dtype=float32)
     p_last = empty((b, h), device=q.device, dtype=float32)
     group = h // hkv
-    tiles = kernel_tiles(q.device, q.dtype, d).decode
-    block_h = max(tiles.block_m, triton.next_power_of_2(group))
-    _decode_kernel[(b * hkv, g)](
-        q,
-        k_cache,
-        v_caches,
-        partials,
-        p_last,
-        scale * LOG2E.value,
-        q.stride(0),
-        q.stride(1),
-        *k_cache.stride()[:3],
-        *v_caches.stride()[:4],
-        *partials.stride()[:3],
-        h,
-        hkv,
-        t,
-        group,
-        HEAD_DIM=d,
-        BLOCK_H=block_h,
-        BLOCK_N=tiles.block_n,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    precision = dot_precision(q.dtype)
+
+    def run(tiles: Tiles) -> None:
+        _decode_kernel[(b * hkv, g)](
+            q,
+            k_cache,
+            v_caches,
+            partials,
+            p_last,
+            scale * LOG2E.value,
+            q.stride(0),
+            q.stride(1),
+            *k_cache.stride()[:3],
+            *v_caches.stride()[:4],
+            *partials.stride()[:3],
+            h,
+            hkv,
+            t,
+            group,
+            HEAD_DIM=d,
+            BLOCK_H=max(tiles.block_m, triton.next_power_of_2(group)),
+            BLOCK_N=tiles.block_n,
+            PRECISION=precision,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
+    launch("decode", q, {"group": triton.next_power_of_2(group), "precision": precision}, run)
     return partials, p_last

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, empty, float32
 
-from .tiles import kernel_tiles
+from .tiles import Tiles, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -201,28 +201,31 @@ def attention_forward(
     shared = lse is not None
     lse_buf = lse if shared else empty((b, h, t), device=q.device, dtype=float32)
     out = empty((b, h, t, d), device=q.device, dtype=q.dtype)
-    tiles = kernel_tiles(q.device, q.dtype, d).forward
-    grid = (triton.cdiv(t, tiles.block_m), b * h)
-    _forward_kernel[grid](
-        q,
-        k,
-        v,
-        lse_buf,
-        out,
-        scale * LOG2E.value,
-        *bht_strides(q),
-        *bht_strides(k),
-        *bht_strides(v),
-        *bht_strides(out),
-        h,
-        t,
-        h // k.shape[1],
-        HEAD_DIM=d,
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        SHARED=shared,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    precision = dot_precision(q.dtype)
+
+    def run(tiles: Tiles) -> None:
+        _forward_kernel[(triton.cdiv(t, tiles.block_m), b * h)](
+            q,
+            k,
+            v,
+            lse_buf,
+            out,
+            scale * LOG2E.value,
+            *bht_strides(q),
+            *bht_strides(k),
+            *bht_strides(v),
+            *bht_strides(out),
+            h,
+            t,
+            h // k.shape[1],
+            HEAD_DIM=d,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            SHARED=shared,
+            PRECISION=precision,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
+    launch("forward", q, {"shared": shared, "precision": precision}, run)
     return out, lse_buf

@@ -20,16 +20,10 @@ if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in {"1", "true", "
     )
 pytest.importorskip("triton")
 
+from triton.runtime.errors import OutOfResources
+
 import sa_train.kernels as sk
-from sa_train.kernels.tiles import (
-    H200_SHARED_MEMORY,
-    KernelTiles,
-    Tiles,
-    gpu_tiles,
-    kernel_tiles,
-    select_tiles,
-    shared_memory_bytes,
-)
+from sa_train.kernels.tiles import Tiles, candidates, first_fit, gpu_tiles, launch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
@@ -239,54 +233,79 @@ def test_gpu_tiles_in_interpreter_fp16(t: int) -> None:
         _group_gradients_match_reference(1, 2, 1, t, 64, 3, torch.float16, 1e-2)
 
 
-def test_shared_memory_model_reproduces_the_h200_failure() -> None:
-    """fp32, D = 128 with the bf16 forward tiles: Triton asked for 262144 bytes (limit 232448)."""
-    need = shared_memory_bytes("forward", Tiles(128, 64, 8, 3), head_dim=128, element_size=4)
-    assert need == 262144 + 4 * 128 * 64  # operand buffers as reported, plus the fp32 score tile
-    assert need > H200_SHARED_MEMORY
+def test_every_tile_list_suits_its_kernel() -> None:
+    """The loops need whole key tiles per query tile (forward, dq) or the reverse (dk/dv); every list
+    ends with a configuration small enough for any CUDA GPU's default 48 KiB."""
+    for head_dim in (16, 32, 64, 128, 256):
+        for kernel in ("forward", "delta", "dq", "dkdv", "decode"):
+            options = candidates(kernel, head_dim)
+            assert len(set(options)) == len(options)
+            for tiles in options:
+                if kernel in ("forward", "dq"):
+                    assert tiles.block_m % tiles.block_n == 0, (kernel, tiles)
+                if kernel == "dkdv":
+                    assert tiles.block_n % tiles.block_m == 0, (kernel, tiles)
+            assert options[-1].block_m * options[-1].block_n <= 32 * 32
 
 
-def test_bf16_keeps_the_tiles_it_was_tuned_with() -> None:
-    for dtype in (torch.bfloat16, torch.float16):
-        assert select_tiles(dtype, 64, H200_SHARED_MEMORY) == KernelTiles(
-            Tiles(128, 64, 4, 3), Tiles(128, 32, 4, 3), Tiles(32, 128, 4, 3), Tiles(16, 64, 4, 3)
-        )
-        assert select_tiles(dtype, 128, H200_SHARED_MEMORY) == KernelTiles(
-            Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(32, 64, 4, 3), Tiles(16, 64, 4, 3)
-        )
+def _fake_launches(fits: Callable[[Tiles], bool]) -> tuple[list[Tiles], Callable[[Tiles], None]]:
+    """A launch that refuses, as Triton does before running anything, tiles that do not fit."""
+    tried: list[Tiles] = []
+
+    def run(tiles: Tiles) -> None:
+        tried.append(tiles)
+        if not fits(tiles):
+            raise OutOfResources(262144, 232448, "shared memory")
+
+    return tried, run
 
 
-@pytest.mark.parametrize("budget", [H200_SHARED_MEMORY, 166912, 101376], ids=["h200", "a100", "99KiB"])
-def test_selected_tiles_fit_the_budget(budget: int) -> None:
-    """Every (dtype, head size) gets tiles that fit and that the kernels' loops accept."""
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for head_dim in (16, 32, 64, 128, 256):
-            chosen = select_tiles(dtype, head_dim, budget)
-            for kernel in ("forward", "dq", "dkdv", "decode"):
-                tiles = getattr(chosen, kernel)
-                assert shared_memory_bytes(kernel, tiles, head_dim, dtype.itemsize) <= budget
-            assert chosen.forward.block_m % chosen.forward.block_n == 0
-            assert chosen.dq.block_m % chosen.dq.block_n == 0
-            assert chosen.dkdv.block_n % chosen.dkdv.block_m == 0
+def test_launch_falls_back_to_the_first_tiles_that_fit_and_keeps_them() -> None:
+    options = candidates("forward", 128)
+    key = ("forward", 0, torch.float32, 128, ("test-fallback",))
+    tried, run = _fake_launches(lambda tiles: tiles.num_stages < 3 and tiles.block_n < 64)
+    first_fit(key, options, run)
+    assert tried == [options[0], options[1], options[2]]  # 128x64x3, 128x64x2 refused; 128x32x2 runs
+    tried.clear()
+    first_fit(key, options, run)
+    assert tried == [options[2]]  # the next launch goes straight to the tiles that fit
 
 
-def test_tiles_are_resolved_once() -> None:
-    cpu = torch.device("cpu")
+def test_launch_that_fits_nothing_says_what_to_do() -> None:
+    key = ("dq", 0, torch.float32, 256, ("test-nothing-fits",))
+    _, run = _fake_launches(lambda tiles: False)
+    with pytest.raises(RuntimeError, match="attention_backend: torch"):
+        first_fit(key, candidates("dq", 256), run)
+
+
+def test_other_launch_errors_are_not_taken_for_a_full_device() -> None:
+    def run(tiles: Tiles) -> None:
+        raise ValueError("a bug in the launch")
+
+    with pytest.raises(ValueError, match="a bug"):
+        first_fit(("dq", 0, torch.float32, 64, ("test-bug",)), candidates("dq", 64), run)
+
+
+def test_tiles_off_cuda_are_tiny_unless_gpu_tiles_asks() -> None:
+    seen: list[Tiles] = []
+    q = torch.zeros(1, 1, 4, 128)
+    launch("forward", q, {}, seen.append)
     with gpu_tiles():
-        first = kernel_tiles(cpu, torch.float32, 128)
-        assert (
-            kernel_tiles(cpu, torch.float32, 128)
-            is first
-            is select_tiles(torch.float32, 128, H200_SHARED_MEMORY)
-        )
-    assert kernel_tiles(cpu, torch.float32, 128).forward == Tiles(16, 16, 1, 1)
+        launch("forward", q, {}, seen.append)
+    with gpu_tiles(rank=99):
+        launch("forward", q, {}, seen.append)
+    assert seen == [Tiles(16, 16, 1, 1), candidates("forward", 128)[0], candidates("forward", 128)[-1]]
 
 
-def test_fp32_head_dim_128_runs_at_the_tiles_chosen_for_the_h200() -> None:
-    chosen = select_tiles(torch.float32, 128, H200_SHARED_MEMORY)
-    assert chosen.forward != select_tiles(torch.bfloat16, 128, H200_SHARED_MEMORY).forward
-    with gpu_tiles(H200_SHARED_MEMORY):
-        _group_gradients_match_reference(1, 2, 1, 65, 128, 4, torch.float32, ATOL)
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_fallback_tile_shape_is_exact(d: int) -> None:
+    """Each configuration a GPU may fall back to (fp32, less shared memory) computes the same group
+    forward and backward: its loop bounds and masks run in the interpreter at T = 130 (past one
+    128-row tile, not a multiple of any tile)."""
+    ranks = max(len(candidates(kernel, d)) for kernel in ("forward", "dq", "dkdv", "decode"))
+    for rank in range(1, ranks):
+        with gpu_tiles(rank):
+            _group_gradients_match_reference(1, 2, 1, 130, d, 3, torch.float32, ATOL)
 
 
 def test_lse_gradient_is_exact() -> None:
@@ -464,6 +483,17 @@ def test_operator_registration_passes_opcheck(case: str) -> None:
     [(2, 4, 2, 17, 16, 3), (1, 2, 1, 1, 16, 2), (1, 4, 4, 33, 32, 1)],
 )
 def test_decode_group_partial(b: int, h: int, hkv: int, t: int, d: int, layers: int) -> None:
+    _decode_matches_reference(b, h, hkv, t, d, layers)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_at_every_gpu_tile_shape(d: int) -> None:
+    for rank in range(len(candidates("decode", d))):
+        with gpu_tiles(rank):
+            _decode_matches_reference(1, 8, 2, 130, d, 2)
+
+
+def _decode_matches_reference(b: int, h: int, hkv: int, t: int, d: int, layers: int) -> None:
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(b, h, 1, d, generator=gen)
     k_cache = torch.randn(b, hkv, t, d, generator=gen)
