@@ -10,17 +10,23 @@ The group table also times forward + backward replayed as one CUDA graph, which 
 each kernel operator costs Python time to dispatch (on the 2-core CI machine, with Triton's launches
 stubbed out, about 0.45 ms for a group of four's forward and 0.9 ms for its forward + backward). Where the
 graphed time is far below the plain one, the plain figure measures the host, not the kernels.
+
+``--tiles dq=128,32,8,3 dkdv=32,128,8,3`` adds a column to the group table: the fused group again, with
+those kernels forced to those tiles (block_m, block_n, warps, stages), timed beside the default choice
+in the same run. ``scripts/tile_memory.py --registers`` shows which configurations spill registers.
 """
 
 import argparse
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sa_train.kernels import anchor_attention, shared_attention
+from sa_train.kernels.tiles import Tiles, forced_tiles
 
 BACKWARD_FLOP_RATIO = 2.5  # a lone layer's backward runs five T×T matmuls to the forward's two
 
@@ -33,7 +39,25 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden // head_dim")
     parser.add_argument("--group-size", type=int, default=4, help="layers per SA group in the group table")
     parser.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement")
+    parser.add_argument(
+        "--tiles",
+        nargs="+",
+        default=[],
+        type=_forced,
+        metavar="KERNEL=M,N,WARPS,STAGES",
+        help="also time the fused group with these kernels (forward, delta, dq, dkdv) at these tiles",
+    )
     return parser.parse_args()
+
+
+def _forced(text: str) -> tuple[str, Tiles]:
+    kernel, _, numbers = text.partition("=")
+    if kernel not in ("forward", "delta", "dq", "dkdv"):
+        raise argparse.ArgumentTypeError(f"--tiles {text!r}: the kernel is one of forward, delta, dq, dkdv")
+    try:
+        return kernel, Tiles(*(int(x) for x in numbers.split(",")))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--tiles {text!r}: write KERNEL=M,N,WARPS,STAGES") from None
 
 
 def _causal_fwd_flops(b: int, h: int, t: int, d: int) -> float:
@@ -87,9 +111,11 @@ def _bench_kernels(b: int, h: int, t: int, d: int, rep_ms: int) -> dict[str, tup
     return results
 
 
-def _bench_group(b: int, h: int, t: int, d: int, layers: int, rep_ms: int) -> dict[str, tuple[float, ...]]:
+def _bench_group(
+    b: int, h: int, t: int, d: int, layers: int, rep_ms: int, forced: dict[str, Tiles]
+) -> dict[str, tuple[float, ...]]:
     """Milliseconds (fwd, fwd+bwd, fwd+bwd graphed) of a whole group: fused kernels, and SDPA once per
-    layer."""
+    layer; with ``forced`` tiles, the fused kernels again at those tiles ("sa-forced")."""
     leaves = _inputs(b, h, t, d, layers)
     q, k, vs = leaves[0], leaves[1], leaves[2:]
     douts = [torch.randn_like(q) for _ in range(layers)]
@@ -105,13 +131,22 @@ def _bench_group(b: int, h: int, t: int, d: int, layers: int, rep_ms: int) -> di
     def per_layer() -> list[torch.Tensor]:
         return [_sdpa(q, k, v, scale) for v in vs]
 
+    def forced_fused() -> list[torch.Tensor]:
+        with forced_tiles(**forced):
+            return fused()
+
+    runs = {"sa-fused": fused, "sdpa-per-layer": per_layer}
+    if forced:
+        runs["sa-forced"] = forced_fused
     results = {}
-    for name, forward in {"sa-fused": fused, "sdpa-per-layer": per_layer}.items():
+    for name, forward in runs.items():
         with torch.no_grad():
             fwd_ms = _time_ms(forward, [], rep_ms)
 
         def step(f: Callable[[], list[torch.Tensor]] = forward) -> None:
-            torch.autograd.backward(f(), douts)
+            outs = f()
+            with forced_tiles(**forced) if f is forced_fused else nullcontext():
+                torch.autograd.backward(outs, douts)
 
         results[name] = (fwd_ms, _time_ms(step, leaves, rep_ms), _time_graphed_ms(step, leaves, rep_ms))
     return results
@@ -142,10 +177,13 @@ def main() -> int:
         lambda d, t: _bench_kernels(args.batch, args.hidden // d, t, d, args.rep_ms),
         args,
     )
+    forced = dict(args.tiles)
+    if forced:
+        print("sa-forced: " + ", ".join(f"{kernel} at {tiles}" for kernel, tiles in forced.items()))
     _table(
         f"group of {args.group_size} layers, ms (fwd | fwd+bwd | fwd+bwd graphed)",
-        ["sa-fused", "sdpa-per-layer"],
-        lambda d, t: _bench_group(args.batch, args.hidden // d, t, d, args.group_size, args.rep_ms),
+        ["sa-fused", "sdpa-per-layer", *(["sa-forced"] if forced else [])],
+        lambda d, t: _bench_group(args.batch, args.hidden // d, t, d, args.group_size, args.rep_ms, forced),
         args,
     )
     return 0

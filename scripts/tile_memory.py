@@ -6,16 +6,22 @@ launch for the target GPU (``--arch``, no GPU needed: Triton ships ptxas) and re
 the compiled kernel asks for. What the GPU would do at run time follows: the first configuration of
 each list that fits ``--shared-memory`` bytes is the one its launches use.
 
-``--check`` exits 1 unless, for every dtype and head size asked, some configuration of every kernel
+``--registers`` adds what ptxas reports per configuration: registers per thread and bytes of register
+spills (the group-fused backward's dq and dk/dv kernels spill at the tiles timed for the per-layer
+backward). ``--check`` exits 1 unless, for every dtype and head size asked, some configuration of every kernel
 fits, and in bf16 and fp16 the first (tuned) one does. Triton fixes interpreter-vs-compiler at import,
 so this must run without TRITON_INTERPRET (it sets it to 0 before importing anything).
 """
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -103,8 +109,8 @@ def _arg_type(value: Any) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-def compiled_shared_memory(launch: Launch, arch: int) -> int:
-    """Bytes of shared memory the launch's kernel, compiled for compute capability ``arch``, asks for."""
+def compile_for(launch: Launch, arch: int) -> Any:
+    """The launch's kernel compiled for compute capability ``arch`` (a triton CompiledKernel)."""
     values = dict(zip(launch.fn.arg_names, launch.args, strict=False))  # kwargs follow
     values.update(launch.kwargs)
     signature = {
@@ -113,7 +119,32 @@ def compiled_shared_memory(launch: Launch, arch: int) -> int:
     constexprs = {p.name: values[p.name] for p in launch.fn.params if p.is_constexpr}
     options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     source = triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def registers(compiled: Any, arch: int) -> tuple[int, int]:
+    """(registers per thread, bytes of register spill stores) that ptxas reports for the compiled PTX,
+    run the way Triton runs it (its ptxas and register-allocation level)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        command = [
+            get_ptxas(arch).path,
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={sm_arch_from_capability(arch)}",
+        ]
+        report = subprocess.run(
+            [*command, str(ptx), "-o", str(Path(folder) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    used = re.search(r"Used (\d+) registers", report)
+    spilled = re.search(r"(\d+) bytes spill stores", report)
+    return int(used.group(1)) if used else 0, int(spilled.group(1)) if spilled else 0
 
 
 def _parse_args() -> argparse.Namespace:
@@ -128,6 +159,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument(
         "--all", action="store_true", help="compile every configuration, not up to the first fit"
+    )
+    parser.add_argument(
+        "--registers", action="store_true", help="also registers per thread and bytes spilled (ptxas)"
     )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if a kernel has no fit or bf16 lost its tiles"
@@ -155,13 +189,17 @@ def main() -> int:
                 fitted = None
                 for rank, launch in enumerate(launches):
                     start = time.perf_counter()
-                    need = compiled_shared_memory(launch, args.arch)
+                    compiled = compile_for(launch, args.arch)
+                    need = compiled.metadata.shared
                     fits = need <= args.shared_memory
+                    spills = ""
+                    if args.registers:
+                        spills = "{:4d} regs {:5d} B spilled ".format(*registers(compiled, args.arch))
                     mark = "*" if fits and fitted is None else " "
                     shown = ", ".join(f"{k}={v}" for k, v in variant if k != "HEAD_DIM")
                     print(
                         f"{dtype_name:9} {head_dim:4}  {kernel:7} {shown:38} {rank:4}  {launch.tiles()!s:30} "
-                        f"{need:7d} {mark} ({time.perf_counter() - start:.1f} s)",
+                        f"{need:7d} {mark} {spills}({time.perf_counter() - start:.1f} s)",
                         flush=True,
                     )
                     if fits and fitted is None:

@@ -45,9 +45,15 @@ class Tiles:
 
 def candidates(kernel: str, head_dim: int) -> tuple[Tiles, ...]:
     """Fastest known first. forward and dq need block_m % block_n == 0, dkdv block_n % block_m == 0;
-    delta only reads block_m (its tile is two rows of loads and needs no more than 1 KiB)."""
+    the dq and dk/dv tiles were timed with the per-layer backward. The group-fused one at the same tiles
+    spills registers (ptxas for sm_90: dq 1684, dk/dv 1924 bytes per thread at D = 64, 1240 and 1792 at
+    D = 128; the per-layer kernels spilled 36 and 724, 0 and 488); 8 warps at D = 64 spill 40 and 72.
+    Not yet timed: ``scripts/bench_kernels.py --tiles dq=128,32,8,3 dkdv=32,128,8,3`` does, in one run.
+
+    delta only reads block_m: it holds an O and a dO tile in fp32 registers, 128 x 64 of them without
+    a spill (ptxas, sm_90; 128 x 128 spilled 60 bytes), so the tile has 8192 elements."""
     if kernel == "delta":
-        return (Tiles(128, 1, 4, 1),)
+        return (Tiles(max(16, min(128, 8192 // head_dim)), 1, 4, 1),)
     wide = head_dim > 64
     warps = 8 if wide else 4  # a 128-row forward tile at D = 128 spreads its accumulator over 8 warps
     dq = [(64, 32, 4, 3), (64, 32, 4, 2)] if wide else [(128, 32, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
@@ -65,6 +71,7 @@ def candidates(kernel: str, head_dim: int) -> tuple[Tiles, ...]:
 _INTERPRETER_TILES = Tiles(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 1, 1)
 _GPU_TILES_RANK: ContextVar[int | None] = ContextVar("sa_train_gpu_tiles_rank", default=None)
 _FIRST_FIT: dict[tuple[Any, ...], int] = {}
+_FORCED: ContextVar[dict[str, Tiles] | None] = ContextVar("sa_train_forced_tiles", default=None)
 
 
 @contextmanager
@@ -83,6 +90,18 @@ def gpu_tiles(rank: int = 0) -> Iterator[None]:
         _GPU_TILES_RANK.reset(token)
 
 
+@contextmanager
+def forced_tiles(**tiles: Tiles) -> Iterator[None]:
+    """Launch the named kernels (``forward``, ``delta``, ``dq``, ``dkdv``, ``decode``) with these tiles
+    whatever the device, with no fall-back: for timing a configuration against the lists' choice
+    (``scripts/bench_kernels.py --tiles``)."""
+    token = _FORCED.set({**(_FORCED.get() or {}), **tiles})
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
 def launch(
     kernel: str, tensor: torch.Tensor, variant: dict[str, Any], run: Callable[[Tiles], object]
 ) -> None:
@@ -91,6 +110,10 @@ def launch(
     ``variant`` holds the launch's other compile-time constants (they change what a configuration
     needs, e.g. the dk/dv kernel without dk needs half the memory), so each variant is fitted apart.
     """
+    forced = (_FORCED.get() or {}).get(kernel)
+    if forced is not None:
+        run(forced)
+        return
     head_dim = tensor.shape[-1]
     if tensor.device.type != "cuda":
         rank = _GPU_TILES_RANK.get()

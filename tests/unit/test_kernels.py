@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from triton.runtime.errors import OutOfResources
 
 import sa_train.kernels as sk
-from sa_train.kernels.tiles import Tiles, candidates, first_fit, gpu_tiles, launch
+from sa_train.kernels.tiles import Tiles, candidates, first_fit, forced_tiles, gpu_tiles, launch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
@@ -295,6 +295,16 @@ def test_tiles_off_cuda_are_tiny_unless_gpu_tiles_asks() -> None:
     with gpu_tiles(rank=99):
         launch("forward", q, {}, seen.append)
     assert seen == [Tiles(16, 16, 1, 1), candidates("forward", 128)[0], candidates("forward", 128)[-1]]
+
+
+def test_forced_tiles_win_over_the_lists_and_stay_exact() -> None:
+    seen: list[Tiles] = []
+    forced = Tiles(32, 16, 8, 2)
+    with gpu_tiles(), forced_tiles(dq=forced):
+        launch("dq", torch.zeros(1, 1, 4, 64), {}, seen.append)
+        launch("forward", torch.zeros(1, 1, 4, 64), {}, seen.append)
+        _group_gradients_match_reference(1, 2, 1, 65, 64, 3, torch.float32, ATOL)
+    assert seen == [forced, candidates("forward", 64)[0]]
 
 
 @pytest.mark.parametrize("d", [64, 128])
