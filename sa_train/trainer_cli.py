@@ -208,6 +208,14 @@ class SACLI(LightningCLI):
         ):
             kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StepProgressBar()]
         _check_gpu_is_there(trainer_config.get("accelerator"))
+        interval, accumulate = (
+            trainer_config.get("val_check_interval"),
+            trainer_config.get("accumulate_grad_batches"),
+        )
+        if isinstance(interval, int) and isinstance(accumulate, int) and accumulate > 1:
+            # Lightning counts val_check_interval in batches; sa_train's configs count it in optimizer steps,
+            # like max_steps, warmup_steps and every_n_train_steps (sa-350m accumulates 8 batches per step).
+            kwargs["val_check_interval"] = interval * accumulate
         if self.subcommand in ("validate", "test"):
             kwargs.update(self._evaluation_outputs(callbacks))
         try:

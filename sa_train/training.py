@@ -276,6 +276,15 @@ class CausalLM(L.LightningModule):
                 "--ckpt_path (or set model.nonfinite_loss: skip to skip such batches)."
             )
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Validate after the last optimizer step too. Lightning validates every ``val_check_interval``
+        batches and stops at ``max_steps`` without checking, so a run of 50,000 steps validated every 3,000
+        would end 2,000 steps after its last validation, its final perplexity unknown; Lightning does
+        validate the batch at which training is asked to stop."""
+        trainer = self.trainer
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.val_nll.update(self._loss(batch), weight=batch[1].numel())
 

@@ -128,3 +128,16 @@ def test_a_logger_whose_package_is_missing_is_one_clear_error(tmp_path, small_co
     code, _, err = run_cli(["fit", "--config", str(config), "--trainer.logger=MLFlowLogger"], capsys)
     assert code == 2
     assert "mlflow" in err and "pip install" in err and "Traceback" not in err
+
+
+def test_validation_counts_optimizer_steps_and_runs_after_the_last(tmp_path, small_corpus, capsys):
+    """val_check_interval is in optimizer steps, like max_steps (Lightning counts batches: with two
+    batches per step it validated at steps 1, 2, 3, ...), and the last step is validated although 2
+    does not divide 5 (Lightning stopped at max_steps without)."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    args = ["--trainer.max_steps=5", "--trainer.accumulate_grad_batches=2", "--trainer.val_check_interval=2"]
+    code, _, err = run_cli(["fit", "--config", str(config), *args, "--trainer.limit_val_batches=1"], capsys)
+    assert code == 0, err
+    rows = csv.DictReader((tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv").open())
+    # after optimizer steps 2, 4 and 5; Lightning logs them at the step's index, as it logs train/loss
+    assert [int(row["step"]) for row in rows if row.get("val/loss")] == [1, 3, 4]
