@@ -178,7 +178,8 @@ def _dkdv_kernel(
 ):
     """One key tile of one kv head; loops over that kv head's query heads so GQA needs no atomics.
 
-    Without WITH_DK it computes dv alone (a shared layer): V, VS, DOS and DELTA are not read.
+    Without WITH_DK it computes dv alone (a shared layer): V, VS, DOS and DELTA are not read. The first
+    key tiles, which the most query rows see, are already the first programs.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
@@ -371,8 +372,9 @@ def _dq_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One query tile of one (batch, head) streaming over the keys it can see."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """One query tile of one (batch, head) streaming over the keys it can see; the last rows, which see
+    the most keys, first (see ``_forward_kernel``)."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H

@@ -87,8 +87,12 @@ def _forward_kernel(
     SHARED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One query tile of one (batch, head). SHARED reads lse; otherwise it writes it."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """One query tile of one (batch, head). SHARED reads lse; otherwise it writes it.
+
+    Causal work grows with the tile's row, so programs take tiles from the last row down: the GPU
+    starts the longest first and the launch does not end on a tail of them (as flash-attention does).
+    """
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
