@@ -118,3 +118,22 @@ def test_decode_group(dtype: torch.dtype, b: int, h: int, hkv: int, t: int, d: i
         yard = F.scaled_dot_product_attention(q.to(dtype), k_rep.to(dtype), v_rep.to(dtype), scale=scale)
         assert got.dtype == dtype
         _close_to_yardstick(f"layer {layer}", got, yard, want)
+
+
+def test_tiles_that_do_not_fit_fall_back_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton refuses a 256 x 128 fp32 forward tile at D = 128 (524288 bytes of shared memory, compiled for
+    sm_90) before it runs anything; the launch takes the next tiles, gets the right answer, keeps them."""
+    from sa_train.kernels import tiles
+
+    original = tiles.candidates
+    too_big = tiles.Tiles(256, 128, 8, 3)
+    monkeypatch.setattr(tiles, "_FIRST_FIT", {})
+    monkeypatch.setattr(
+        tiles,
+        "candidates",
+        lambda kernel, d: (too_big, *original(kernel, d)) if kernel == "forward" else original(kernel, d),
+    )
+    q, k, v = (torch.randn(1, 2, 300, 128, device="cuda") for _ in range(3))
+    out, _, _ = sk.anchor_attention(q, k, v, 128**-0.5)
+    torch.testing.assert_close(out, sk.reference_anchor(q, k, v, 128**-0.5)[0], atol=1e-4, rtol=1e-4)
+    assert [rank for key, rank in tiles._FIRST_FIT.items() if key[0] == "forward"] == [1]
