@@ -11,7 +11,7 @@ each kernel operator costs Python time to dispatch (on the 2-core CI machine, wi
 stubbed out, about 0.45 ms for a group of four's forward and 0.9 ms for its forward + backward). Where the
 graphed time is far below the plain one, the plain figure measures the host, not the kernels.
 
-``--tiles dq=128,32,8,3 dkdv=32,128,8,3`` adds a column to the group table: the fused group again, with
+``--tiles backward=32,128,8,3`` adds a column to the group table: the fused group again, with
 those kernels forced to those tiles (block_m, block_n, warps, stages), timed beside the default choice
 in the same run. ``scripts/tile_memory.py --registers`` shows which configurations spill registers.
 """
@@ -45,15 +45,15 @@ def _parse_args() -> argparse.Namespace:
         default=[],
         type=_forced,
         metavar="KERNEL=M,N,WARPS,STAGES",
-        help="also time the fused group with these kernels (forward, delta, dq, dkdv) at these tiles",
+        help="also time the fused group with these kernels (forward, delta, backward) at these tiles",
     )
     return parser.parse_args()
 
 
 def _forced(text: str) -> tuple[str, Tiles]:
     kernel, _, numbers = text.partition("=")
-    if kernel not in ("forward", "delta", "dq", "dkdv"):
-        raise argparse.ArgumentTypeError(f"--tiles {text!r}: the kernel is one of forward, delta, dq, dkdv")
+    if kernel not in ("forward", "delta", "backward"):
+        raise argparse.ArgumentTypeError(f"--tiles {text!r}: the kernel is one of forward, delta, backward")
     try:
         return kernel, Tiles(*(int(x) for x in numbers.split(",")))
     except (TypeError, ValueError):

@@ -7,8 +7,9 @@ the compiled kernel asks for. What the GPU would do at run time follows: the fir
 each list that fits ``--shared-memory`` bytes is the one its launches use.
 
 ``--registers`` adds what ptxas reports per configuration: registers per thread and bytes of register
-spills (the group-fused backward's dq and dk/dv kernels spill at the tiles timed for the per-layer
-backward). ``--check`` exits 1 unless, for every dtype and head size asked, some configuration of every kernel
+spills (the group-fused backward spills at the tiles timed for the per-layer backward).
+
+``--check`` exits 1 unless, for every dtype and head size asked, some configuration of every kernel
 fits, and in bf16 and fp16 the first (tuned) one does. Triton fixes interpreter-vs-compiler at import,
 so this must run without TRITON_INTERPRET (it sets it to 0 before importing anything).
 """
@@ -39,8 +40,7 @@ TILE_ARGS = {"BLOCK_M", "BLOCK_H", "BLOCK_N", "num_warps", "num_stages"}
 KERNEL_OF = {
     "_forward_kernel": "forward",
     "_delta_kernel": "delta",
-    "_dkdv_kernel": "dkdv",
-    "_dq_kernel": "dq",
+    "_backward_kernel": "backward",
     "_decode_kernel": "decode",
 }
 ARG_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}

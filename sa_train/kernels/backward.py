@@ -3,7 +3,8 @@
 Every layer l of a group computes O_l = P·V_l with the anchor's P = softmax(qk^T·scale). Only
 dV_l = P^T·dO_l and dP_l = dO_l·V_l^T depend on the layer; dS = P∘(dP − D) is linear in dP and in
 D = rowsum(dO∘O), so the whole group's dq = dS·k·scale and dk = dS^T·q·scale come from one pass over
-dP = Σ_l dO_l·V_l^T and D = Σ_l D_l. Two launchers split the work the way autograd orders it:
+dP = Σ_l dO_l·V_l^T and D = Σ_l D_l. One kernel (``_backward_kernel``, after a pre-pass for D) does
+both; two launchers split the work the way autograd orders it:
 
 - ``shared_backward`` (each shared layer; autograd runs these first): D_l and dV_l alone, P rebuilt
   tile by tile from q, k and the anchor's lse;
@@ -16,10 +17,10 @@ Matmuls of T×T×D size (each over the causal half) for a group of G layers, for
 included: before, each layer ran a full backward, dk/dv kernel QK^T, dV, dP, dK plus dq kernel QK^T,
 dP, dQ: 7G. Now a shared layer costs QK^T, dV (2) and the anchor QK^T, dV, G·dP, dK plus QK^T, G·dP,
 dQ (2G + 5): 4G + 3 in all. For G = 4: 19 instead of 28; with the forward's 2G = 8, a training step's
-attention costs 27 matmuls instead of 36. The dq kernel recomputes dP, as in FlashAttention-2, to
+attention costs 27 matmuls instead of 36. The dq pass recomputes dP, as in FlashAttention-2, to
 avoid atomics, so the dP terms are counted twice.
 
-The shared layers' dO_l tiles (and, in the dk/dv kernel, V_l tiles) are re-read from global memory
+The shared layers' dO_l tiles (and, in the dk/dv pass, V_l tiles) are re-read from global memory
 (L2) per inner tile instead of staying resident: their number is only known at run time.
 """
 
@@ -132,7 +133,61 @@ def _dkdv_tile(
 
 
 @triton.jit
-def _dkdv_kernel(
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    vs_base,
+    dos_base,
+    stride_kt,
+    stride_vt,
+    stride_vsl,
+    stride_vst,
+    stride_dsl,
+    stride_dst,
+    offs_m,
+    offs_d,
+    qk_scale2,
+    T,
+    FOLLOWERS,
+    start_n,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Add one key tile's contribution to dq; dP sums the anchor's and every shared layer's dO·V^T."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_seq = offs_n[:, None] < T
+    row_ok = offs_m[:, None] < T
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2 - lse2[:, None])
+    if MASK:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    for layer in range(FOLLOWERS):
+        do_l = tl.load(
+            dos_base + layer * stride_dsl + offs_m[:, None] * stride_dst + offs_d[None, :],
+            mask=row_ok,
+            other=0.0,
+        )
+        v_l = tl.load(
+            vs_base + layer * stride_vsl + offs_n[:, None] * stride_vst + offs_d[None, :],
+            mask=in_seq,
+            other=0.0,
+        )
+        dp += tl.dot(do_l, tl.trans(v_l), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_block(
     Q,
     K,
     V,
@@ -141,6 +196,136 @@ def _dkdv_kernel(
     DOS,
     LSE,
     DELTA,
+    DQ,
+    qk_scale2,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_db,
+    stride_dh,
+    stride_dt,
+    stride_vsl,
+    stride_vsb,
+    stride_vsh,
+    stride_vst,
+    stride_dsl,
+    stride_dsb,
+    stride_dsh,
+    stride_dst,
+    b,
+    h,
+    kv,
+    H,
+    T,
+    FOLLOWERS,
+    start_m,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dq of one query tile (BLOCK_M rows from start_m) of one (batch, head), streaming over the keys it
+    can see in BLOCK_N-wide tiles."""
+    bh = b * H + h
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kv * stride_kh
+    v_base = V + b * stride_vb + kv * stride_vh
+    vs_base = VS + b * stride_vsb + kv * stride_vsh
+    dos_base = DOS + b * stride_dsb + h * stride_dsh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, start_m, BLOCK_N):
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            vs_base,
+            dos_base,
+            stride_kt,
+            stride_vt,
+            stride_vsl,
+            stride_vst,
+            stride_dsl,
+            stride_dst,
+            offs_m,
+            offs_d,
+            qk_scale2,
+            T,
+            FOLLOWERS,
+            start_n,
+            BLOCK_N,
+            False,
+            PRECISION,
+        )
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            vs_base,
+            dos_base,
+            stride_kt,
+            stride_vt,
+            stride_vsl,
+            stride_vst,
+            stride_dsl,
+            stride_dst,
+            offs_m,
+            offs_d,
+            qk_scale2,
+            T,
+            FOLLOWERS,
+            start_n,
+            BLOCK_N,
+            True,
+            PRECISION,
+        )
+    tl.store(
+        DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+@triton.jit
+def _backward_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    VS,
+    DOS,
+    LSE,
+    DELTA,
+    DQ,
     DK,
     DV,
     qk_scale2,
@@ -176,10 +361,14 @@ def _dkdv_kernel(
     WITH_DK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One key tile of one kv head; loops over that kv head's query heads so GQA needs no atomics.
+    """Block i (BLOCK_N rows) of one kv head: dk and dv of its keys, then dq of its queries, each over
+    that kv head's query heads, so GQA needs no atomics.
 
-    Without WITH_DK it computes dv alone (a shared layer): V, VS, DOS and DELTA are not read. The first
-    key tiles, which the most query rows see, are already the first programs.
+    Pairing the blocks balances the causal work, as Triton's fused-attention tutorial does: the keys of
+    block i are seen by the queries of blocks i to n−1, the queries of block i see the keys of blocks 0
+    to i, so every program loops over n + 1 tiles whatever i (a dk/dv kernel and a dq kernel apart ran
+    programs of 1 to n tiles, and each launch waited on its longest). Without WITH_DK it computes dv
+    alone (a shared layer): V, VS, DOS, DELTA and DQ are not read.
     """
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
@@ -263,201 +452,62 @@ def _dkdv_kernel(
                 WITH_DK,
                 PRECISION,
             )
+    tl.store(
+        DV + bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok,
+    )
     if WITH_DK:
         tl.store(
             DK + bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
             (dk * scale).to(DK.dtype.element_ty),
             mask=col_ok,
         )
-    tl.store(
-        DV + bkv * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=col_ok,
-    )
-
-
-@triton.jit
-def _dq_tile(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    vs_base,
-    dos_base,
-    stride_kt,
-    stride_vt,
-    stride_vsl,
-    stride_vst,
-    stride_dsl,
-    stride_dst,
-    offs_m,
-    offs_d,
-    qk_scale2,
-    T,
-    FOLLOWERS,
-    start_n,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Add one key tile's contribution to dq; dP sums the anchor's and every shared layer's dO·V^T."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    in_seq = offs_n[:, None] < T
-    row_ok = offs_m[:, None] < T
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2 - lse2[:, None])
-    if MASK:
-        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    for layer in range(FOLLOWERS):
-        do_l = tl.load(
-            dos_base + layer * stride_dsl + offs_m[:, None] * stride_dst + offs_d[None, :],
-            mask=row_ok,
-            other=0.0,
-        )
-        v_l = tl.load(
-            vs_base + layer * stride_vsl + offs_n[:, None] * stride_vst + offs_d[None, :],
-            mask=in_seq,
-            other=0.0,
-        )
-        dp += tl.dot(do_l, tl.trans(v_l), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
-
-
-@triton.jit
-def _dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    VS,
-    DOS,
-    LSE,
-    DELTA,
-    DQ,
-    qk_scale2,
-    scale,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_db,
-    stride_dh,
-    stride_dt,
-    stride_vsl,
-    stride_vsb,
-    stride_vsh,
-    stride_vst,
-    stride_dsl,
-    stride_dsb,
-    stride_dsh,
-    stride_dst,
-    H,
-    T,
-    GROUP,
-    FOLLOWERS,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One query tile of one (batch, head) streaming over the keys it can see; the last rows, which see
-    the most keys, first (see ``_forward_kernel``)."""
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kv = h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + kv * stride_kh
-    v_base = V + b * stride_vb + kv * stride_vh
-    vs_base = VS + b * stride_vsb + kv * stride_vsh
-    dos_base = DOS + b * stride_dsb + h * stride_dsh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, start_m, BLOCK_N):
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            vs_base,
-            dos_base,
-            stride_kt,
-            stride_vt,
-            stride_vsl,
-            stride_vst,
-            stride_dsl,
-            stride_dst,
-            offs_m,
-            offs_d,
-            qk_scale2,
-            T,
-            FOLLOWERS,
-            start_n,
-            BLOCK_N,
-            False,
-            PRECISION,
-        )
-    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            vs_base,
-            dos_base,
-            stride_kt,
-            stride_vt,
-            stride_vsl,
-            stride_vst,
-            stride_dsl,
-            stride_dst,
-            offs_m,
-            offs_d,
-            qk_scale2,
-            T,
-            FOLLOWERS,
-            start_n,
-            BLOCK_N,
-            True,
-            PRECISION,
-        )
-    tl.store(
-        DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+        for g in range(GROUP):
+            _dq_block(
+                Q,
+                K,
+                V,
+                DO,
+                VS,
+                DOS,
+                LSE,
+                DELTA,
+                DQ,
+                qk_scale2,
+                scale,
+                stride_qb,
+                stride_qh,
+                stride_qt,
+                stride_kb,
+                stride_kh,
+                stride_kt,
+                stride_vb,
+                stride_vh,
+                stride_vt,
+                stride_db,
+                stride_dh,
+                stride_dt,
+                stride_vsl,
+                stride_vsb,
+                stride_vsh,
+                stride_vst,
+                stride_dsl,
+                stride_dsb,
+                stride_dsh,
+                stride_dst,
+                b,
+                kv * GROUP + g,
+                kv,
+                H,
+                T,
+                FOLLOWERS,
+                start_n,
+                HEAD_DIM,
+                BLOCK_N,
+                BLOCK_M,
+                PRECISION,
+            )
 
 
 def _layer_strides(x: Tensor) -> tuple[int, int, int, int]:
@@ -490,7 +540,7 @@ def _delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
     return delta
 
 
-def _dkdv(
+def _backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -500,16 +550,16 @@ def _dkdv(
     lse: Tensor,
     delta: Tensor,
     scale: float,
-    dk: Tensor | None,
     dv: Tensor,
+    dq_dk: tuple[Tensor, Tensor] | None,
 ) -> None:
-    """Write dv, and dk when a buffer is given (then dP sums the followers' dO_l·V_l^T too)."""
+    """Write dv, and dq and dk when their buffers are given (then dP sums the followers' dO_l·V_l^T)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     precision = dot_precision(q.dtype)
 
     def run(tiles: Tiles) -> None:
-        _dkdv_kernel[(triton.cdiv(t, tiles.block_n), b * hkv)](
+        _backward_kernel[(triton.cdiv(t, tiles.block_n), b * hkv)](
             q,
             k,
             v,
@@ -518,7 +568,8 @@ def _dkdv(
             follower_dout,
             lse,
             delta,
-            dv if dk is None else dk,
+            dv if dq_dk is None else dq_dk[0],
+            dv if dq_dk is None else dq_dk[1],
             dv,
             scale * LOG2E.value,
             scale,
@@ -536,13 +587,13 @@ def _dkdv(
             HEAD_DIM=d,
             BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n,
-            WITH_DK=dk is not None,
+            WITH_DK=dq_dk is not None,
             PRECISION=precision,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
 
-    launch("dkdv", q, {"dk": dk is not None, "precision": precision}, run)
+    launch("backward", q, {"dq_dk": dq_dk is not None, "precision": precision}, run)
 
 
 def shared_backward(
@@ -554,7 +605,7 @@ def shared_backward(
     """
     delta = _delta(out, dout, None)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
-    _dkdv(q, k, v, dout, no_layers(v), no_layers(dout), lse, delta, scale, None, dv)
+    _backward(q, k, v, dout, no_layers(v), no_layers(dout), lse, delta, scale, dv, None)
     return dv, delta
 
 
@@ -585,40 +636,6 @@ def anchor_backward(
     delta = _delta(out, dout, dlse)
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
-    _dkdv(q, k, v, dout, follower_v, follower_dout, lse, delta, scale, dk, dv)
     dq = empty((b, h, t, d), device=q.device, dtype=q.dtype)
-    precision = dot_precision(q.dtype)
-
-    def run(tiles: Tiles) -> None:
-        _dq_kernel[(triton.cdiv(t, tiles.block_m), b * h)](
-            q,
-            k,
-            v,
-            dout,
-            follower_v,
-            follower_dout,
-            lse,
-            delta,
-            dq,
-            scale * LOG2E.value,
-            scale,
-            *bht_strides(q),
-            *bht_strides(k),
-            *bht_strides(v),
-            *bht_strides(dout),
-            *_layer_strides(follower_v),
-            *_layer_strides(follower_dout),
-            h,
-            t,
-            h // k.shape[1],
-            follower_v.shape[0],
-            HEAD_DIM=d,
-            BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n,
-            PRECISION=precision,
-            num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
-        )
-
-    launch("dq", q, {"precision": precision}, run)
+    _backward(q, k, v, dout, follower_v, follower_dout, lse, delta, scale, dv, (dq, dk))
     return dq, dk, dv

@@ -44,11 +44,16 @@ class Tiles:
 
 
 def candidates(kernel: str, head_dim: int) -> tuple[Tiles, ...]:
-    """Fastest known first. forward and dq need block_m % block_n == 0, dkdv block_n % block_m == 0;
-    the dq and dk/dv tiles were timed with the per-layer backward. The group-fused one at the same tiles
-    spills registers (ptxas for sm_90: dq 1684, dk/dv 1924 bytes per thread at D = 64, 1240 and 1792 at
-    D = 128; the per-layer kernels spilled 36 and 724, 0 and 488); 8 warps at D = 64 spill 40 and 72.
-    Not yet timed: ``scripts/bench_kernels.py --tiles dq=128,32,8,3 dkdv=32,128,8,3`` does, in one run.
+    """Fastest known first.
+
+    forward: block_m query rows stream over block_n-wide key tiles (block_m % block_n == 0). backward:
+    block_n rows of keys and of queries per program, streaming block_m-wide tiles of the other side
+    (block_n % block_m == 0); the tiles of the per-layer dk/dv and dq kernels it replaced, which were
+    timed on an H200 (32 x 128 and 128 x 32 at D = 64). At those tiles the group-fused backward spills
+    registers: ptxas for sm_90 reports 4372 bytes of spill stores at D = 64 and 4724 at D = 128, where
+    the per-layer kernels spilled 760 and 488; 8 warps at the same tiles (the same warps per SM) spill
+    664 and 1428. Not yet timed: ``scripts/bench_kernels.py --tiles backward=32,128,8,3`` times it
+    beside the default in one run.
 
     delta only reads block_m: it holds an O and a dO tile in fp32 registers, 128 x 64 of them without
     a spill (ptxas, sm_90; 128 x 128 spilled 60 bytes), so the tile has 8192 elements."""
@@ -56,12 +61,12 @@ def candidates(kernel: str, head_dim: int) -> tuple[Tiles, ...]:
         return (Tiles(max(16, min(128, 8192 // head_dim)), 1, 4, 1),)
     wide = head_dim > 64
     warps = 8 if wide else 4  # a 128-row forward tile at D = 128 spreads its accumulator over 8 warps
-    dq = [(64, 32, 4, 3), (64, 32, 4, 2)] if wide else [(128, 32, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
-    dkdv = [(32, 64, 4, 3), (32, 64, 4, 2)] if wide else [(32, 128, 4, 3), (32, 128, 4, 2), (32, 64, 4, 2)]
+    backward = (
+        [(32, 64, 4, 3), (32, 64, 4, 2)] if wide else [(32, 128, 4, 3), (32, 128, 4, 2), (32, 64, 4, 2)]
+    )
     table = {
         "forward": [(128, 64, warps, 3), (128, 64, warps, 2), (128, 32, warps, 2), (64, 32, 4, 2)],
-        "dq": dq,
-        "dkdv": dkdv,
+        "backward": backward,
         "decode": [(16, 64, 4, 3), (16, 64, 4, 2)],
     }[kernel]
     smallest = [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
@@ -92,7 +97,7 @@ def gpu_tiles(rank: int = 0) -> Iterator[None]:
 
 @contextmanager
 def forced_tiles(**tiles: Tiles) -> Iterator[None]:
-    """Launch the named kernels (``forward``, ``delta``, ``dq``, ``dkdv``, ``decode``) with these tiles
+    """Launch the named kernels (``forward``, ``delta``, ``backward``, ``decode``) with these tiles
     whatever the device, with no fall-back: for timing a configuration against the lists' choice
     (``scripts/bench_kernels.py --tiles``)."""
     token = _FORCED.set({**(_FORCED.get() or {}), **tiles})
@@ -108,7 +113,8 @@ def launch(
     """Call ``run(tiles)``, which launches ``kernel`` for ``tensor``'s device, dtype and last dimension.
 
     ``variant`` holds the launch's other compile-time constants (they change what a configuration
-    needs, e.g. the dk/dv kernel without dk needs half the memory), so each variant is fitted apart.
+    needs, e.g. the backward kernel without dq and dk needs half the memory), so each variant is fitted
+    apart.
     """
     forced = (_FORCED.get() or {}).get(kernel)
     if forced is not None:

@@ -237,13 +237,13 @@ def test_every_tile_list_suits_its_kernel() -> None:
     """The loops need whole key tiles per query tile (forward, dq) or the reverse (dk/dv); every list
     ends with a configuration small enough for any CUDA GPU's default 48 KiB."""
     for head_dim in (16, 32, 64, 128, 256):
-        for kernel in ("forward", "delta", "dq", "dkdv", "decode"):
+        for kernel in ("forward", "delta", "backward", "decode"):
             options = candidates(kernel, head_dim)
             assert len(set(options)) == len(options)
             for tiles in options:
-                if kernel in ("forward", "dq"):
+                if kernel == "forward":
                     assert tiles.block_m % tiles.block_n == 0, (kernel, tiles)
-                if kernel == "dkdv":
+                if kernel == "backward":
                     assert tiles.block_n % tiles.block_m == 0, (kernel, tiles)
             assert options[-1].block_m * options[-1].block_n <= 32 * 32
 
@@ -272,10 +272,10 @@ def test_launch_falls_back_to_the_first_tiles_that_fit_and_keeps_them() -> None:
 
 
 def test_launch_that_fits_nothing_says_what_to_do() -> None:
-    key = ("dq", 0, torch.float32, 256, ("test-nothing-fits",))
+    key = ("backward", 0, torch.float32, 256, ("test-nothing-fits",))
     _, run = _fake_launches(lambda tiles: False)
     with pytest.raises(RuntimeError, match="attention_backend: torch"):
-        first_fit(key, candidates("dq", 256), run)
+        first_fit(key, candidates("backward", 256), run)
 
 
 def test_other_launch_errors_are_not_taken_for_a_full_device() -> None:
@@ -283,7 +283,7 @@ def test_other_launch_errors_are_not_taken_for_a_full_device() -> None:
         raise ValueError("a bug in the launch")
 
     with pytest.raises(ValueError, match="a bug"):
-        first_fit(("dq", 0, torch.float32, 64, ("test-bug",)), candidates("dq", 64), run)
+        first_fit(("backward", 0, torch.float32, 64, ("test-bug",)), candidates("backward", 64), run)
 
 
 def test_tiles_off_cuda_are_tiny_unless_gpu_tiles_asks() -> None:
@@ -299,9 +299,9 @@ def test_tiles_off_cuda_are_tiny_unless_gpu_tiles_asks() -> None:
 
 def test_forced_tiles_win_over_the_lists_and_stay_exact() -> None:
     seen: list[Tiles] = []
-    forced = Tiles(32, 16, 8, 2)
-    with gpu_tiles(), forced_tiles(dq=forced):
-        launch("dq", torch.zeros(1, 1, 4, 64), {}, seen.append)
+    forced = Tiles(16, 32, 8, 2)
+    with gpu_tiles(), forced_tiles(backward=forced):
+        launch("backward", torch.zeros(1, 1, 4, 64), {}, seen.append)
         launch("forward", torch.zeros(1, 1, 4, 64), {}, seen.append)
         _group_gradients_match_reference(1, 2, 1, 65, 64, 3, torch.float32, ATOL)
     assert seen == [forced, candidates("forward", 64)[0]]
@@ -312,7 +312,7 @@ def test_every_fallback_tile_shape_is_exact(d: int) -> None:
     """Each configuration a GPU may fall back to (fp32, less shared memory) computes the same group
     forward and backward: its loop bounds and masks run in the interpreter at T = 130 (past one
     128-row tile, not a multiple of any tile)."""
-    ranks = max(len(candidates(kernel, d)) for kernel in ("forward", "dq", "dkdv", "decode"))
+    ranks = max(len(candidates(kernel, d)) for kernel in ("forward", "backward", "decode"))
     for rank in range(1, ranks):
         with gpu_tiles(rank):
             _group_gradients_match_reference(1, 2, 1, 130, d, 3, torch.float32, ATOL)
@@ -359,33 +359,29 @@ def test_shared_backward_leaves_q_and_k_to_the_anchor() -> None:
 
 
 class _LaunchCounter:
-    """Stands in for a Triton kernel and counts launches by the value of one constexpr argument (all
-    under None without one)."""
+    """Stands in for a Triton kernel and counts its launches by the value of one constexpr argument."""
 
-    def __init__(self, kernel: object, key: str | None = None) -> None:
+    def __init__(self, kernel: object, key: str) -> None:
         self.kernel, self.key, self.launches = kernel, key, collections.Counter()
 
     def __getitem__(self, grid: tuple) -> Callable:
         def launch(*args: object, **kwargs: object) -> object:
-            self.launches[kwargs.get(self.key) if self.key else None] += 1
+            self.launches[kwargs[self.key]] += 1
             return self.kernel[grid](*args, **kwargs)
 
         return launch
 
 
 def test_group_backward_computes_dq_and_dk_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A group of four: one dq and one dk pass (the anchor's), a dv-only pass per shared layer."""
+    """A group of four: one dq and dk pass (the anchor's), a dv-only pass per shared layer."""
     from sa_train.kernels import backward
 
-    dq = _LaunchCounter(backward._dq_kernel)
-    dkdv = _LaunchCounter(backward._dkdv_kernel, "WITH_DK")
-    monkeypatch.setattr(backward, "_dq_kernel", dq)
-    monkeypatch.setattr(backward, "_dkdv_kernel", dkdv)
+    kernel = _LaunchCounter(backward._backward_kernel, "WITH_DK")
+    monkeypatch.setattr(backward, "_backward_kernel", kernel)
     q, k, v = (x.detach().requires_grad_() for x in _qkv(1, 2, 1, 17, 16, seed=14))
     vs = [v] + [torch.randn(v.shape).requires_grad_() for _ in range(3)]
     sum(out.sum() for out in _kernel_group(0.25)(q, k, vs)).backward()
-    assert dq.launches == {None: 1}
-    assert dkdv.launches == {True: 1, False: 3}
+    assert kernel.launches == {True: 1, False: 3}
 
 
 GroupFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
