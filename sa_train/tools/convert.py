@@ -61,9 +61,13 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--groups", required=True, help="SA groups: every:G, dense:D,every:G or a list")
     parser.add_argument("--out", type=Path, required=True, help="the SA checkpoint to write")
     parser.add_argument("--no-head-matching", action="store_true", help="keep every layer's head order")
-    parser.add_argument("--data", type=Path, help="held-out text for matching and perplexity (.txt/.jsonl)")
+    parser.add_argument(
+        "--data", type=Path, help="held-out text: its first part matches heads, the next one is scored"
+    )
     parser.add_argument("--text-field", default="text", help="jsonl field holding the text (text)")
-    parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens used (4096)")
+    parser.add_argument(
+        "--tokens", type=int, default=4096, help="held-out tokens for matching, and as many scored (4096)"
+    )
     args = parser.parse_args(argv)
     if args.out.exists():
         raise ConfigError(
@@ -80,12 +84,17 @@ def main(argv: Sequence[str]) -> None:
     seq_len = min(256, dense.config.max_seq_len)
     encodings = Tokenizer.from_str(saved.tokenizer_json).encode_batch(read_texts(args.data, args.text_field))
     tokens = [token for encoding in encodings for token in encoding.ids]
-    rows = max(1, args.tokens // seq_len)
-    batches = batches_of(tokens, rows, seq_len, 1)
-    if not batches:
-        raise DataError(f"--data holds {len(tokens)} tokens, too few for one sequence of {seq_len}.")
-    batch = batches[0]
-    maps = None if args.no_head_matching else attention_maps(dense, batch[:, :-1])
+    # Head matching and the perplexity that judges it read different text: a permutation chosen on the
+    # scored batch itself would be graded on what it was fitted to.
+    rows = max(1, min(args.tokens, len(tokens) // 2) // seq_len)
+    batches = batches_of(tokens, rows, seq_len, 2)
+    if len(batches) < 2:
+        raise DataError(
+            f"--data holds {len(tokens)} tokens, too few for two sequences of {seq_len} (one to match heads "
+            "on, one to score): give more held-out text."
+        )
+    calibration, batch = batches
+    maps = None if args.no_head_matching else attention_maps(dense, calibration[:, :-1])
     converted = convert_to_sa(dense, groups, maps).eval()
 
     # Written through the LightningModule, so validate can load it like any checkpoint of fit.

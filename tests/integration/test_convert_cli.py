@@ -41,6 +41,12 @@ def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys):
     code, _, err = run_cli(args, capsys)  # the output exists now
     assert code == 2 and "--out" in err
 
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to match heads on one part and score another. " * 3)
+    args = ["convert", "--checkpoint", str(dense), "--groups", "every:2", "--out", str(tmp_path / "x.ckpt")]
+    code, _, err = run_cli([*args, "--data", str(short)], capsys)
+    assert code == 2 and "one to match heads on, one to score" in err
+
 
 def convert_llama_folder(tmp_path, small_corpus, capsys) -> tuple[str, object]:
     """convert --hf on a small random Llama folder; returns convert's output and the Llama model."""
