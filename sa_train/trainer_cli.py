@@ -22,6 +22,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import DeepSpeedPrecision
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -236,6 +237,7 @@ class SACLI(LightningCLI):
             )
         if isinstance(strategy, DeepSpeedStrategy):
             _check_deepspeed_offload(strategy)
+            strategy.precision_plugin = DeepSpeedPrecisionScalingOnce(strategy.precision_plugin.precision)
         if isinstance(strategy, DeepSpeedStrategy) and self.datamodule is not None:
             # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
             # sa_train's resumable loader does not have (Lightning then fails with an AttributeError).
@@ -289,3 +291,20 @@ def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:
             "with its own CPU Adam, and sa_train's model builds torch's AdamW. Set offload_optimizer to "
             "false."
         )
+
+
+class DeepSpeedPrecisionScalingOnce(DeepSpeedPrecision):
+    """DeepSpeed's precision with one division of the loss by the accumulated batches, not two.
+
+    Lightning divides each micro-batch loss by ``accumulate_grad_batches`` before the backward, and
+    DeepSpeed's ``engine.backward`` divides it again by its ``gradient_accumulation_steps`` (which
+    Lightning sets to the same number). Measured on two CPU ranks with ZeRO-2, two accumulated batches
+    per step: every gradient norm was exactly half that of one process on the same samples. With
+    sa-350m's eight the gradients were an eighth, so ``gradient_clip_val: 1.0`` clipped at a true norm
+    of 8.
+    """
+
+    def backward(
+        self, tensor: torch.Tensor, model: LightningModule, optimizer: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        model.trainer.model.backward(tensor, *args, scale_wrt_gas=False, **kwargs)

@@ -260,8 +260,12 @@ class CausalLM(L.LightningModule):
         """Clip, log ``train/grad_norm``, and stop before an update with non-finite gradients.
 
         Runs after Lightning has unscaled fp16 gradients, so it also serves the fused optimizer under
-        bf16-mixed, which Lightning's own clipping refuses (see :func:`fused_optimizer_fits`).
+        bf16-mixed, which Lightning's own clipping refuses (see :func:`fused_optimizer_fits`). DeepSpeed
+        clips by its own config (Lightning writes gradient_clip_val there) and keeps its gradients out of
+        ``p.grad``, where this norm read 0.0 at every step; its norm is logged after its step instead.
         """
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return
         params = [p for p in self.parameters() if p.grad is not None]
         if gradient_clip_algorithm == "value" and gradient_clip_val:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -276,6 +280,9 @@ class CausalLM(L.LightningModule):
                 "--ckpt_path (or set model.nonfinite_loss: skip to skip such batches)."
             )
 
+    def on_train_start(self) -> None:
+        self._norm_logged_at = self.trainer.global_step  # a resumed run has not stepped since its restore
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Validate after the last optimizer step too. Lightning validates every ``val_check_interval``
         batches and stops at ``max_steps`` without checking, so a run of 50,000 steps validated every 3,000
@@ -284,6 +291,12 @@ class CausalLM(L.LightningModule):
         trainer = self.trainer
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             trainer.should_stop = True
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.global_step > self._norm_logged_at:
+            # The batch that completed an optimizer step: DeepSpeed's norm of that step, before clipping.
+            self._norm_logged_at = trainer.global_step
+            norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.val_nll.update(self._loss(batch), weight=batch[1].numel())

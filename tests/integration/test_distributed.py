@@ -8,6 +8,7 @@ float additions (gloo all-reduce, ZeRO's flat fp32 buckets), so curves agree to 
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -183,6 +184,32 @@ def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
     assert_bitwise_equal(final_weights(resumed / "step=8.ckpt"), final_weights(full / "step=8.ckpt"))
     assert losses(full / "losses.json") == pytest.approx(reference_losses, abs=LOSS_TOL)
     assert_weights_close(read_checkpoint(full / "step=8.ckpt").state_dict, reference_weights, WEIGHT_TOL)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_deepspeed_accumulating_batches_has_the_gradients_of_one_process(tmp_path, small_corpus):
+    """Two ranks, ZeRO-2, two micro-batches accumulated per step: the gradient norms DeepSpeed reports
+    (before clipping) are those of one process on the same samples. Lightning and DeepSpeed each divided
+    the loss by the accumulation, and every norm was half (while ``train/grad_norm`` read 0.0, from the
+    ``p.grad`` that ZeRO leaves empty)."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    accumulate = ["--trainer.accumulate_grad_batches=2", *quick(4)]
+    assert main(["fit", "--config", str(config), *accumulate, f"--data.batch_size={2 * MICRO_BATCH}"]) == 0
+    deepspeed = [
+        "--trainer.devices=2",
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        "--trainer.strategy.stage=2",
+    ]
+    fit_in_subprocess(config, [*deepspeed, *accumulate, f"--data.batch_size={MICRO_BATCH}"], tmp_path)
+
+    def norms(version: int) -> list[float]:
+        rows = csv.DictReader((tmp_path / "runs" / "tiny" / f"version_{version}" / "metrics.csv").open())
+        return [float(row["train/grad_norm"]) for row in rows if row.get("train/grad_norm")]
+
+    one_process = norms(0)
+    assert len(one_process) == 4 and min(one_process) > 0.1
+    assert norms(1) == pytest.approx(one_process, rel=1e-4)
 
 
 @pytest.mark.slow
