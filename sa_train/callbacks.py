@@ -264,7 +264,8 @@ class InferenceCost(L.Callback):
     ``cost/train_flops_vs_dense`` and ``cost/params``; the same line goes to the console once.
     At each validation end: greedy decoding of a fixed random batch through the model's KV cache,
     ``cost/decode_tokens_per_sec`` (new tokens, prefill excluded), ``cost/prefill_ms`` and
-    ``cost/kv_cache_bytes`` (the bytes the cache holds for that batch).
+    ``cost/kv_cache_bytes`` (the bytes the cache holds for that batch), on the first rank; not under
+    DeepSpeed ZeRO-3, whose ranks each hold a shard of the weights.
 
     Args:
         measure: Time decoding at each validation end (False: analytic figures only).
@@ -323,8 +324,8 @@ class InferenceCost(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.measure or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            return  # the weights may be sharded across ranks (ZeRO-3); a lone rank cannot decode
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+            return  # ZeRO-3 shards the weights across ranks, so a lone rank cannot decode; 1 and 2 do not
         with trainer.precision_plugin.forward_context():
             metrics = measure_decode(pl_module.model, self.batch_size, self.prompt_len, self.new_tokens)
         for logger in trainer.loggers:

@@ -192,7 +192,8 @@ def test_deepspeed_accumulating_batches_has_the_gradients_of_one_process(tmp_pat
     """Two ranks, ZeRO-2, two micro-batches accumulated per step: the gradient norms DeepSpeed reports
     (before clipping) are those of one process on the same samples. Lightning and DeepSpeed each divided
     the loss by the accumulation, and every norm was half (while ``train/grad_norm`` read 0.0, from the
-    ``p.grad`` that ZeRO leaves empty)."""
+    ``p.grad`` that ZeRO leaves empty). Decoding speed is measured too: ZeRO-2 keeps whole weights on
+    every rank (it was skipped under any DeepSpeed stage)."""
     config = tiny_run_config(tmp_path, small_corpus)
     accumulate = ["--trainer.accumulate_grad_batches=2", *quick(4)]
     assert main(["fit", "--config", str(config), *accumulate, f"--data.batch_size={2 * MICRO_BATCH}"]) == 0
@@ -201,15 +202,20 @@ def test_deepspeed_accumulating_batches_has_the_gradients_of_one_process(tmp_pat
         "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
         "--trainer.strategy.stage=2",
     ]
-    fit_in_subprocess(config, [*deepspeed, *accumulate, f"--data.batch_size={MICRO_BATCH}"], tmp_path)
+    measured = ["--trainer.callbacks+=sa_train.callbacks.InferenceCost"]
+    fit_in_subprocess(
+        config, [*deepspeed, *accumulate, *measured, f"--data.batch_size={MICRO_BATCH}"], tmp_path
+    )
 
-    def norms(version: int) -> list[float]:
+    def column(version: int, key: str) -> list[float]:
         rows = csv.DictReader((tmp_path / "runs" / "tiny" / f"version_{version}" / "metrics.csv").open())
-        return [float(row["train/grad_norm"]) for row in rows if row.get("train/grad_norm")]
+        return [float(row[key]) for row in rows if row.get(key)]
 
-    one_process = norms(0)
+    one_process = column(0, "train/grad_norm")
     assert len(one_process) == 4 and min(one_process) > 0.1
-    assert norms(1) == pytest.approx(one_process, rel=1e-4)
+    assert column(1, "train/grad_norm") == pytest.approx(one_process, rel=1e-4)
+    (decode_rate,) = column(1, "cost/decode_tokens_per_sec")  # at the one validation, after the last step
+    assert decode_rate > 0
 
 
 @pytest.mark.slow
