@@ -17,7 +17,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from sa_train.cache import KVCache
 from sa_train.checkpoint import atomic_hardlink, remove_stale_temp_files
 from sa_train.cost import cost_report, training_flops_per_token
 from sa_train.errors import ConfigError
@@ -337,8 +336,7 @@ def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens:
     config = model.config
     new_tokens = min(new_tokens, config.max_seq_len - 1)
     prompt_len = max(1, min(prompt_len, config.max_seq_len - new_tokens))
-    weight = model.embed.weight
-    device = weight.device
+    device = model.embed.weight.device
     ids = torch.randint(
         0, config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)
     )
@@ -346,7 +344,7 @@ def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens:
     model.eval()
     try:
         with torch.inference_mode():
-            cache = KVCache(config, batch_size, prompt_len + new_tokens, weight.dtype, device)
+            cache = model.new_cache(batch_size, prompt_len + new_tokens)
             synchronize(device)
             start = time.perf_counter()
             tokens = model.prefill(ids.to(device), [prompt_len] * batch_size, cache).argmax(-1)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sa_train.cache import KVCache
 from sa_train.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -138,7 +137,7 @@ def stream(
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, width - len(row) :] = row
-    cache = KVCache(model.config, len(rows), width + max_new_tokens - 1, weight.dtype, weight.device)
+    cache = model.new_cache(len(rows), width + max_new_tokens - 1)
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(weight.device).manual_seed(sampling.seed)

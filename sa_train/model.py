@@ -281,6 +281,18 @@ class SAModel(nn.Module):
             x = group.forward(x, rope, self.backend, bias, cache)
         return self.lm_head(self.norm(x[:, -1]))
 
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache on the model's device, in the dtype its keys and values are computed in.
+
+        That is autocast's dtype while autocast is on for the device (a bf16-mixed or 16-mixed run
+        validating, or decoding under ``torch.autocast``), else the weights' (fp32, or DeepSpeed's bf16):
+        a cache in the weights' dtype under autocast made a bf16-mixed run crash at its first decode.
+        """
+        weight = self.embed.weight
+        kind = weight.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        return KVCache(self.config, batch_size, max_len, dtype, weight.device)
+
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, vocab) after one new token per row (B,); its keys and values go to the cache.
 
