@@ -15,3 +15,7 @@ class DataError(SATrainError):
 
 class CheckpointError(SATrainError):
     """A checkpoint is missing, unreadable, or not a sa_train checkpoint."""
+
+
+class DiskFullError(SATrainError):
+    """An output (checkpoint, export) cannot be written: its disk is full; nothing partial is left."""

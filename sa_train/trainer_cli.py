@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,13 +22,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins import DeepSpeedPrecision
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from sa_train.callbacks import LastStepCheckpoint, StepProgressBar, relink_last_checkpoint
-from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint import ModelCheckpoint as SavedModel
+from sa_train.checkpoint import read_checkpoint, remove_stale_temp_files
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule
@@ -91,6 +93,73 @@ def _suggestions(message: str, parser: argparse.ArgumentParser) -> str:
     return f". Did you mean {', '.join(hints)}?" if hints else ""
 
 
+def check_architecture(path: str, wanted: SAConfig) -> SavedModel:
+    """``--ckpt_path`` read; fails unless it is a readable sa_train checkpoint of ``wanted``'s weight
+    shapes."""
+    try:
+        saved = read_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(f"ckpt_path: {error}") from error
+    differ = [name for name in WEIGHT_SHAPE_FIELDS if getattr(saved.config, name) != getattr(wanted, name)]
+    if differ:
+        raise ConfigError(
+            f"ckpt_path: {path} holds a different architecture than the config: "
+            + "; ".join(
+                f"model.config.{n} is {getattr(saved.config, n)} there, {getattr(wanted, n)} here"
+                for n in differ
+            )
+            + ". Use the config the checkpoint was trained with (config.yaml in its run folder), or drop "
+            "--ckpt_path to train this architecture from scratch."
+        )
+    return saved
+
+
+def claim_version(root: Path) -> int:
+    """Create ``root/version_N`` for the next free N and return N; atomic across processes and hosts.
+
+    Lightning's loggers pick the next version by listing the folder and create it later: two runs started
+    together both took version_0 (one config.yaml overwritten, metrics.csv interleaving both runs). ``mkdir``
+    fails for all but one creator, and a loser moves on to the next number.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [
+            int(entry.name[len("version_") :])
+            for entry in root.iterdir()
+            if entry.name.startswith("version_") and entry.name[len("version_") :].isdigit()
+        ]
+        version = max(taken, default=-1) + 1
+        try:
+            (root / f"version_{version}").mkdir()
+        except FileExistsError:
+            continue
+        return version
+
+
+def claim_run_folder(logger: Logger | None) -> None:
+    """Give a CSV or TensorBoard logger without a set version a ``version_N`` folder that no other run
+    shares (:func:`claim_version`)."""
+    if isinstance(logger, CSVLogger | TensorBoardLogger) and logger._version is None:
+        # The logger's own choice is lazy (its ``version`` property lists the folder); set it before use.
+        logger._version = claim_version(Path(logger.root_dir))
+
+
+def checkpoint_folders(trainer: Trainer) -> set[Path]:
+    """Where this run's checkpoints go, and the checkpoint folders of the other runs beside it."""
+    folders = {
+        Path(callback.dirpath)
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath
+    }
+    logger = trainer.logger
+    root = Path(logger.root_dir) if isinstance(logger, CSVLogger | TensorBoardLogger) else None
+    if root is not None and root.is_dir():
+        folders |= {run / "checkpoints" for run in root.glob("version_*")}
+    elif logger is None:
+        folders.add(Path(trainer.default_root_dir) / "checkpoints")
+    return folders
+
+
 class SaveConfigAfterChecks(SaveConfigCallback):
     """Saves the resolved config into the run folder once ``fit`` has passed its pre-flight checks.
 
@@ -139,26 +208,33 @@ class SACLI(LightningCLI):
             return
         if subcommand == "fit":
             relink_last_checkpoint(Path(ckpt_path))
-        try:
-            saved = read_checkpoint(ckpt_path).config
-        except CheckpointError as error:
-            raise ConfigError(f"ckpt_path: {error}") from error
         wanted = SAConfig(**self.config[subcommand]["model"]["config"].as_dict())
-        differ = [name for name in WEIGHT_SHAPE_FIELDS if getattr(saved, name) != getattr(wanted, name)]
-        if differ:
+        saved = check_architecture(ckpt_path, wanted)
+        if subcommand == "fit" and not saved.resumable:
             raise ConfigError(
-                f"ckpt_path: {ckpt_path} holds a different architecture than the config: "
-                + "; ".join(
-                    f"model.config.{n} is {getattr(saved, n)} there, {getattr(wanted, n)} here"
-                    for n in differ
-                )
-                + ". Use the config the checkpoint was trained with (config.yaml in its run folder), or drop "
-                "--ckpt_path to train this architecture from scratch."
+                f"ckpt_path: {ckpt_path} holds model weights only (no optimizer or loop state), as `convert` "
+                f"writes them, so a run cannot resume from it. Start a run from its weights with "
+                f"--model.init_from {ckpt_path} instead of --ckpt_path."
             )
 
     def before_fit(self) -> None:
-        """Model-vs-data checks before Lightning creates the run folder (a refused fit leaves none)."""
+        """Pre-flight checks before the run folder exists (a refused fit leaves none): the data against the
+        model, and ``model.init_from``; then the run claims its own ``version_N`` and removes what killed
+        checkpoint writers left in the runs folder."""
         check_data_fits_model(self.model.config, self.datamodule)
+        init_from = self.model.hparams.get("init_from")
+        if init_from and not self.config["fit"].get("ckpt_path"):
+            # The model's own loader and architecture rule, run ahead of setup (which loads again, from the
+            # page cache): refused there, the run folder already existed.
+            try:
+                self.model._load_weights(init_from)
+            except CheckpointError as error:
+                raise ConfigError(f"model.init_from: {error}") from error
+        if self.trainer.is_global_zero:
+            claim_run_folder(self.trainer.logger)
+            for folder in checkpoint_folders(self.trainer):
+                for path in remove_stale_temp_files(folder):
+                    warnings.warn(f"Removed {path}, left by a killed checkpoint write.", stacklevel=1)
 
     def before_validate(self) -> None:
         self._require_checkpoint("validate")

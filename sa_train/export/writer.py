@@ -4,15 +4,16 @@ A dense model becomes a plain ``LlamaForCausalLM``; an SA model becomes ``SALlam
 configuration and modeling files (``sa_train/export/remote/``) transformers' ``save_pretrained`` copies
 into the folder with an ``auto_map``, so ``trust_remote_code=True`` loads it without sa_train. Weights
 go through ``save_pretrained`` as safetensors (sharded above ``max_shard_size``), the tokenizer through
-``PreTrainedTokenizerFast``: nothing is pickled. Everything is written to a temporary folder beside the
-output, which is renamed into place only when complete.
+``PreTrainedTokenizerFast``: nothing is pickled. Everything is written to a hidden folder beside the
+output, which is renamed into place only when complete; what a killed export left there (its pid is dead)
+is removed by the next export into the same parent folder. The folder and files follow the umask.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 import torch
@@ -25,7 +26,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint import (
+    disk_full_error,
+    is_disk_full,
+    read_checkpoint,
+    remove_stale_temp_files,
+    tensor_bytes,
+    writer_path,
+)
 from sa_train.config import SAConfig
 from sa_train.data.tokenizer import eos_token_id
 from sa_train.errors import CheckpointError, ConfigError, DataError
@@ -102,15 +110,27 @@ def _move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         os.replace(staging, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    os.replace(out, old / out.name)
+    old = writer_path(out, "old")
+    os.replace(out, old)
     try:
         os.replace(staging, out)
     except BaseException:
-        os.replace(old / out.name, out)
+        os.replace(old, out)
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give the files under ``folder`` the mode of any file the user writes (0o666 less the umask).
+
+    ``folder`` was made with ``os.mkdir(.., 0o777)``, so its mode is 0o777 less the umask; transformers saved
+    the weights 0600 whatever the umask, which hid exports from the owner's group on a cluster.
+    """
+    folder_mode = stat.S_IMODE(folder.stat().st_mode)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(folder_mode if path.is_dir() else folder_mode & 0o666)
 
 
 def export_checkpoint(
@@ -138,14 +158,20 @@ def export_checkpoint(
     tokenizer, eos_id = hf_tokenizer(saved.tokenizer_json, saved.config.max_seq_len, checkpoint)
     model = hf_model(saved.config, saved.state_dict, eos_id, checkpoint).to(DTYPES[dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temp_files(out.parent)  # staging and moved-aside folders of killed exports
+    staging = writer_path(out)
+    staging.mkdir(0o777)
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         card = model_card(saved.config, out.name, checkpoint.name, saved.global_step, dtype)
         card.save(staging / "README.md")
+        _follow_umask(staging)
         _move_into_place(staging, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        needed = tensor_bytes(model.state_dict())
+        if is_disk_full(error, out.parent, needed):
+            raise disk_full_error(out, needed, "export") from error
         raise
     return out
