@@ -27,9 +27,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 from sa_train.config import SAConfig
 from sa_train.errors import CheckpointError, DiskFullError, SATrainError
@@ -99,6 +102,19 @@ def read_checkpoint(
         global_step=checkpoint.get("global_step"),
         resumable="loops" in checkpoint,
     )
+
+
+def parse_tokenizer(tokenizer_json: str, source: Path) -> Tokenizer:
+    """The tokenizer a checkpoint at ``source`` carries; CheckpointError if it does not parse."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(tokenizer_json)
+    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+        raise CheckpointError(
+            f"{source}: the tokenizer it carries does not parse ({_first_line(error)}). The file was edited "
+            "or damaged; use another checkpoint of the run (each one stores the run's tokenizer.json)."
+        ) from error
 
 
 def _load(path: Path, map_location: str | torch.device) -> Any:

@@ -9,6 +9,7 @@ only dispatches; user errors print as one paragraph and exit with status 2, no t
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -139,7 +140,14 @@ def main(args: Sequence[str] | None = None) -> int:
         elif command in TOOL_COMMANDS:
             TOOL_COMMANDS[command][0](rest)
         else:
-            print(f"error: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
+            commands = [*TRAINER_COMMANDS, *TOOL_COMMANDS]
+            close = difflib.get_close_matches(command, commands, n=1)
+            hint = f" Did you mean {close[0]}?" if close else f" The commands are {', '.join(commands)}."
+            print(
+                f"error: unknown command {command!r}.{hint}\nRun `python -m sa_train --help` for what each "
+                "does.",
+                file=sys.stderr,
+            )
             return 2
     except (SATrainError, MisconfigurationException) as error:  # Lightning's: a bad Trainer setting
         print(f"error: {error}", file=sys.stderr)

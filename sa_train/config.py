@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import yaml
+
 from sa_train.errors import ConfigError
 
 GroupSpec = str | list[list[int]]
@@ -35,6 +37,17 @@ def parse_groups(spec: GroupSpec, n_layers: int) -> list[list[int]]:
 
 
 def _expand_shorthand(spec: str, n_layers: int) -> list[list[int]]:
+    if spec.startswith("["):  # a list that the command line's type check passed on as text
+        try:
+            groups = yaml.safe_load(spec)
+        except yaml.YAMLError:
+            groups = None
+        if not isinstance(groups, list) or not all(isinstance(group, list) for group in groups):
+            raise ConfigError(
+                f"model.config.sa_groups={spec} is not a list of groups; groups are lists of layers, e.g. "
+                f"[[0, 1], [2, 3]]. {SHORTHAND_HELP}"
+            )
+        return groups
     dense, every = 0, 1
     if spec != "dense":
         for part in spec.split(","):
@@ -132,6 +145,7 @@ class SAConfig:
     attention_backend: AttentionBackendName = "auto"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(
@@ -201,6 +215,32 @@ class SAConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data, the canonical groups included; `SAConfig(**d)` rebuilds the same config."""
         return asdict(self)
+
+
+_INTEGERS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len")
+_NUMBERS = ("rope_theta", "norm_eps", "init_std")
+
+
+def _check_types(config: SAConfig) -> None:
+    """Values of the wrong type (a list, a string, a bool where a number belongs: a hand-edited YAML or a
+    Hugging Face config.json) fail as one message naming the field, not as a TypeError from a comparison."""
+    for name in _INTEGERS + _NUMBERS:
+        value = getattr(config, name)
+        if value is None and name in ("n_kv_heads", "ffn_hidden"):
+            continue
+        kinds = (int,) if name in _INTEGERS else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "a whole number" if name in _INTEGERS else "a number"
+            raise ConfigError(f"model.config.{name} must be {kind}, got {value!r} ({type(value).__name__}).")
+    if not isinstance(config.tie_embeddings, bool):
+        raise ConfigError(
+            f"model.config.tie_embeddings must be true or false, got {config.tie_embeddings!r}."
+        )
+    if isinstance(config.sa_groups, list) and not all(isinstance(group, list) for group in config.sa_groups):
+        raise ConfigError(
+            f"model.config.sa_groups={config.sa_groups!r} is a flat list; groups are lists of layers, e.g. "
+            f"[[0, 1], [2, 3]]. {SHORTHAND_HELP}"
+        )
 
 
 def _divisors_near(n: int, target: int) -> str:

@@ -9,8 +9,8 @@ saved into the run folder only once a fit has passed those checks.
 
 from __future__ import annotations
 
-import argparse
-import difflib
+import contextlib
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -34,6 +35,7 @@ from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule
 from sa_train.errors import CheckpointError, ConfigError
+from sa_train.tools import suggestions
 from sa_train.training import CausalLM, check_data_fits_model
 
 # SAConfig fields that shape the weights: a checkpoint that differs in one cannot be loaded into the model.
@@ -75,22 +77,53 @@ class SAArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        hint = _suggestions(message, parser)
-        sys.stderr.write(f"error: {message}{hint}\nRun `{prog} --help` for the accepted options.\n")
+        hint = suggestions(message, parser)
+        sys.stderr.write(
+            f"error: {one_paragraph(message)}{hint}\nRun `{prog} --help` for the accepted options.\n"
+        )
         self.exit(2)
 
 
-def _suggestions(message: str, parser: argparse.ArgumentParser) -> str:
-    """' Did you mean --x?' for each unrecognised option close to a real one (typos, abbreviations)."""
-    if not message.startswith("unrecognized arguments"):
-        return ""
-    known = [name for name in parser._option_string_actions if name.startswith("--")]
-    hints = []
-    for word in message.split(":", 1)[1].split():
-        if word.startswith("--"):
-            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.8)
-            hints += [f"{close[0]} (not {word.split('=', 1)[0]})"] if close else []
-    return f". Did you mean {', '.join(hints)}?" if hints else ""
+def one_paragraph(message: str) -> str:
+    """jsonargparse's tree of a value no type of a field accepts (9 to 80 lines for unions and class paths),
+    as one line: the field, the value given, and what each accepted type expected."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if "\n" not in message or not keys:
+        return message
+    given = re.search(r"Given value: (.*)", message) or re.search(r"Got value: (.*)", message)
+    value = given.group(1) if given else "?"
+    nested = re.search(r"NestedArg\(key='[^']*', val='(.*)'\)", value)
+    value = nested.group(1) if nested else value
+    reasons = []
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        text = line.strip().removeprefix("- ")
+        if text.startswith("Expected a "):
+            reason = text.removeprefix("Expected a ").rstrip(".")
+            reason = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", reason).replace("NoneType", "null")
+            reason = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", reason)
+            reasons.append(f"expected {reason.split('. Got value')[0]}")
+        elif text.startswith("Problem with given class_path") and i + 1 < len(lines):
+            detail = lines[i + 1].strip()
+            if not detail.startswith("Parser key"):
+                reasons.append(f"{text.split(':')[0].removeprefix('Problem with given ')}: {detail}")
+        elif text.endswith("is not accepted"):
+            reasons.append(text)
+    unique = list(dict.fromkeys(reasons))
+    return f"{'.'.join(keys)}={value} is not accepted" + (f" ({'; '.join(unique)})" if unique else "")
+
+
+def check_sections(config: Namespace, sections: Sequence[str]) -> None:
+    """Sections given as something other than a mapping (a list, a string) fail here, named, instead of as a
+    TypeError from deep inside jsonargparse's instantiation."""
+    for section in sections:
+        value = config.get(section)
+        if value is not None and not isinstance(value, Namespace | dict):
+            raise ConfigError(
+                f"{section} is a {type(value).__name__} ({str(value)[:60]}) in the config, but it must be a "
+                f"mapping of settings (`key: value` lines indented under `{section.split('.')[-1]}:`), as in "
+                "configs/sa-tiny.yaml."
+            )
 
 
 def check_architecture(path: str, wanted: SAConfig) -> SavedModel:
@@ -136,12 +169,14 @@ def claim_version(root: Path) -> int:
         return version
 
 
-def claim_run_folder(logger: Logger | None) -> None:
+def claim_run_folder(logger: Logger | None) -> Path | None:
     """Give a CSV or TensorBoard logger without a set version a ``version_N`` folder that no other run
-    shares (:func:`claim_version`)."""
-    if isinstance(logger, CSVLogger | TensorBoardLogger) and logger._version is None:
-        # The logger's own choice is lazy (its ``version`` property lists the folder); set it before use.
-        logger._version = claim_version(Path(logger.root_dir))
+    shares (:func:`claim_version`); returns the folder claimed."""
+    if not isinstance(logger, CSVLogger | TensorBoardLogger) or logger._version is not None:
+        return None
+    # The logger's own choice is lazy (its ``version`` property lists the folder); set it before use.
+    logger._version = claim_version(Path(logger.root_dir))
+    return Path(logger.log_dir)
 
 
 def checkpoint_folders(trainer: Trainer) -> set[Path]:
@@ -203,6 +238,10 @@ class SACLI(LightningCLI):
         resumes, point a ``last.ckpt`` that a kill left one save behind at the newest checkpoint."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        check_sections(
+            self.config[subcommand] if subcommand else self.config,
+            ("model", "model.config", "data", "trainer"),
+        )
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
             return
@@ -231,10 +270,22 @@ class SACLI(LightningCLI):
             except CheckpointError as error:
                 raise ConfigError(f"model.init_from: {error}") from error
         if self.trainer.is_global_zero:
-            claim_run_folder(self.trainer.logger)
+            self._claimed = claim_run_folder(self.trainer.logger)
             for folder in checkpoint_folders(self.trainer):
                 for path in remove_stale_temp_files(folder):
                     warnings.warn(f"Removed {path}, left by a killed checkpoint write.", stacklevel=1)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A fit refused after its folder was claimed (data checks run inside ``trainer.fit``: an unwritable
+        data.cache_dir, say) gives the folder back while nothing is in it."""
+        self._claimed: Path | None = None
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self._claimed is not None:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something worth keeping
+                    self._claimed.rmdir()
+            raise
 
     def before_validate(self) -> None:
         self._require_checkpoint("validate")

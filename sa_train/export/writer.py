@@ -17,7 +17,6 @@ import stat
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -29,6 +28,7 @@ from transformers import (
 from sa_train.checkpoint import (
     disk_full_error,
     is_disk_full,
+    parse_tokenizer,
     read_checkpoint,
     remove_stale_temp_files,
     tensor_bytes,
@@ -90,7 +90,7 @@ def hf_model(
 
 def hf_tokenizer(tokenizer_json: str, max_length: int, source: Path) -> tuple[PreTrainedTokenizerFast, int]:
     """The run's tokenizer with its end-of-text token as bos, eos and pad; and that token's id."""
-    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer = parse_tokenizer(tokenizer_json, source)
     try:
         eos_id = eos_token_id(tokenizer, str(source))
     except DataError as error:

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from sa_train.analysis import (
     anchors_for_kv_budget,
@@ -25,7 +24,7 @@ from sa_train.analysis import (
     similarity,
     suggest_groups,
 )
-from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint import parse_tokenizer, read_checkpoint
 from sa_train.errors import CheckpointError, ConfigError, DataError
 from sa_train.model import SAModel
 from sa_train.tools import tool_parser
@@ -41,10 +40,38 @@ def read_texts(path: Path | None, text_field: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"--data: no file at {path}; give a .txt or .jsonl(.gz) file of held-out text.")
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"--data: {path} is not UTF-8 text ({error.reason} at byte {error.start})."
+            ) from error
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        texts = [json.loads(line).get(text_field) for line in f if line.strip()]
+    texts = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line, strict=False)  # control characters in strings are text
+                except json.JSONDecodeError as error:
+                    raise DataError(
+                        f"--data: line {number} of {path} is not JSON ({error}); a .jsonl file holds one "
+                        "JSON object per line."
+                    ) from error
+                if not isinstance(document, dict):
+                    raise DataError(
+                        f"--data: line {number} of {path} is a JSON {type(document).__name__}, not an "
+                        "object; each line of a .jsonl file is one document such as "
+                        f'{{"{text_field}": "..."}}.'
+                    )
+                texts.append(document.get(text_field))
+    except (UnicodeDecodeError, OSError, EOFError) as error:
+        raise DataError(
+            f"--data: {path} cannot be read as JSON lines ({error}); give a .txt file, or .jsonl(.gz) with "
+            "one JSON object per line."
+        ) from error
     texts = [text for text in texts if isinstance(text, str) and text.strip()]
     if not texts:
         raise DataError(
@@ -101,6 +128,8 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--threshold", type=float, default=0.8, help="similarity a layer needs to its anchor")
     parser.add_argument("--kv-budget", type=float, help="KV cache as a fraction of the dense one, e.g. 0.75")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise ConfigError(f"--threshold={args.threshold}: similarities lie in [0, 1]; e.g. 0.8.")
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -116,7 +145,7 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError(
             f"--seq-len={seq_len} must lie in 1..{model.config.max_seq_len} (the model's context)."
         )
-    tokenizer = Tokenizer.from_str(saved.tokenizer_json)
+    tokenizer = parse_tokenizer(saved.tokenizer_json, saved.path)
     tokens = [
         token
         for encoding in tokenizer.encode_batch(read_texts(args.data, args.text_field))

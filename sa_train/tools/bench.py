@@ -425,6 +425,19 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def positive_list(option: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. ``1,4,16``."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(
+            f"{option}={text!r} must be positive whole numbers separated by commas, e.g. 1,4,16."
+        )
+    return values
+
+
 def main(argv: Sequence[str]) -> None:
     parser = tool_parser("bench", __doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=("train", "decode", "data", "all"), default="all")
@@ -447,6 +460,11 @@ def main(argv: Sequence[str]) -> None:
         "--profile", type=Path, help="folder for a torch.profiler table and trace of each model's best mode"
     )
     args = parser.parse_args(argv)
+    for name in ("batch", "rounds", "new"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name}={value} must be at least 1.")
+    batches, prompts = positive_list("--batches", args.batches), positive_list("--prompts", args.prompts)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine has no CUDA GPU; run the benchmark with --device cpu.")
@@ -458,8 +476,6 @@ def main(argv: Sequence[str]) -> None:
     if args.suite in ("train", "all"):
         report["train"] = train_suite(config, batch, seq_len, device, args.rounds, modes, args.profile)
     if args.suite in ("decode", "all"):
-        batches = [int(b) for b in args.batches.split(",")]
-        prompts = [int(p) for p in args.prompts.split(",")]
         report["decode"] = decode_suite(
             config, batches, prompts, args.new, device, args.rounds, modes, args.profile
         )

@@ -21,10 +21,9 @@ import lightning
 import torch
 import torch.nn.functional as F
 import yaml
-from tokenizers import Tokenizer
 
 from sa_train.analysis import attention_maps, batches_of
-from sa_train.checkpoint import add_model_entries, atomic_torch_save, read_checkpoint
+from sa_train.checkpoint import add_model_entries, atomic_torch_save, parse_tokenizer, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.convert import convert_to_sa
 from sa_train.errors import CheckpointError, ConfigError, DataError
@@ -69,6 +68,8 @@ def main(argv: Sequence[str]) -> None:
         "--tokens", type=int, default=4096, help="held-out tokens for matching, and as many scored (4096)"
     )
     args = parser.parse_args(argv)
+    if args.tokens < 1:
+        raise ConfigError(f"--tokens={args.tokens} must be a positive number of held-out tokens, e.g. 4096.")
     if args.out.exists():
         raise ConfigError(
             f"--out: {args.out} exists; give a new path (convert never overwrites a checkpoint)."
@@ -82,7 +83,9 @@ def main(argv: Sequence[str]) -> None:
     dense = SAModel.from_saved(saved)
     groups = yaml.safe_load(args.groups) if args.groups.lstrip().startswith("[") else args.groups
     seq_len = min(256, dense.config.max_seq_len)
-    encodings = Tokenizer.from_str(saved.tokenizer_json).encode_batch(read_texts(args.data, args.text_field))
+    encodings = parse_tokenizer(saved.tokenizer_json, saved.path).encode_batch(
+        read_texts(args.data, args.text_field)
+    )
     tokens = [token for encoding in encodings for token in encoding.ids]
     # Head matching and the perplexity that judges it read different text: a permutation chosen on the
     # scored batch itself would be graded on what it was fitted to.

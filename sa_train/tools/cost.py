@@ -54,13 +54,24 @@ def read_training_config(path: Path) -> TrainingShape:
         config = SAConfig(**model_section["config"])
     except TypeError as error:
         raise ConfigError(f"model.config in {path}: {error}.") from error
+    for section in ("data", "trainer"):
+        if not isinstance(document.get(section) or {}, dict):
+            raise ConfigError(
+                f"--config: {section} in {path} is a {type(document[section]).__name__}, but it must be a "
+                f"mapping of settings (`key: value` lines under `{section}:`), as in configs/sa-tiny.yaml."
+            )
     data = document.get("data") or {}
     precision = str((document.get("trainer") or {}).get("precision") or "32-true")
+    seq_len, batch_size = data.get("seq_len") or config.max_seq_len, data.get("batch_size") or 8
+    if not (isinstance(seq_len, int) and 1 <= seq_len <= config.max_seq_len):
+        raise ConfigError(
+            f"data.seq_len={seq_len!r} in {path} must be a whole number of tokens in 1..{config.max_seq_len} "
+            "(model.config.max_seq_len)."
+        )
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"data.batch_size={batch_size!r} in {path} must be a positive whole number.")
     return TrainingShape(
-        config=config,
-        seq_len=int(data.get("seq_len") or config.max_seq_len),
-        batch_size=int(data.get("batch_size") or 8),
-        dtype=PRECISION_DTYPE.get(precision, "fp32"),
+        config=config, seq_len=seq_len, batch_size=batch_size, dtype=PRECISION_DTYPE.get(precision, "fp32")
     )
 
 
@@ -146,8 +157,11 @@ def main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     shape = read_training_config(args.config)
     config = shape.config
-    if args.context is not None and args.context < 1:
-        raise ConfigError(f"--context={args.context} must be a positive number of cached positions.")
+    if args.context is not None and not 1 <= args.context <= config.max_seq_len:
+        raise ConfigError(
+            f"--context={args.context} must be a number of cached positions in 1..{config.max_seq_len} "
+            "(model.config.max_seq_len)."
+        )
     report = cost_report(config, shape.seq_len, args.context, args.dtype or shape.dtype)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -14,6 +14,7 @@ from typing import Any
 
 from sa_train.errors import ConfigError
 from sa_train.tools import tool_parser
+from sa_train.tools.generate import check_device
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "export" / "tasks"
 
@@ -25,7 +26,15 @@ def _model_args(model: Path) -> dict[str, Any]:
             f"--model: {model} is not a Hugging Face model folder (it has no config.json). Export a "
             "checkpoint first: python -m sa_train export --checkpoint CKPT --out DIR, then pass --model DIR."
         )
-    remote_code = "auto_map" in json.loads(config_file.read_text(encoding="utf-8"))
+    if not (model / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"--model: {model} has a config.json but no tokenizer.json, and lm-eval needs the tokenizer. "
+            "Export the checkpoint again (export writes both), or copy the run's tokenizer.json into it."
+        )
+    try:
+        remote_code = "auto_map" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        raise ConfigError(f"--model: {config_file} is not a JSON object ({error}); export again.") from error
     return {"pretrained": str(model), "trust_remote_code": remote_code}
 
 
@@ -81,6 +90,7 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError(f"--limit={args.limit} must be a positive number of documents per task.")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be a positive integer.")
+    check_device(args.device)
     results = evaluate(args.model, tasks, args.limit, args.batch_size, args.device)
 
     from lm_eval.utils import handle_non_serializable, make_table

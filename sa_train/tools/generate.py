@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint import parse_tokenizer, read_checkpoint
 from sa_train.data.tokenizer import eos_token_id
 from sa_train.errors import CheckpointError, ConfigError
 from sa_train.generation import Sampling, stream
@@ -40,14 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str) -> None:
+    """A --device string torch cannot read, or CUDA asked for on a machine without it."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ConfigError(
+            f"--device {device}: not a device torch knows ({error}); use cpu or cuda."
+        ) from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA device; use --device cpu.")
+
+
 def main(argv: Sequence[str]) -> None:
     """Stream the prompt and its continuation to stdout."""
-    from tokenizers import Tokenizer
     from tokenizers.decoders import DecodeStream
 
     args = build_parser().parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: this machine has no CUDA device; use --device cpu.")
+    check_device(args.device)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # bytes the shell passed that are not UTF-8 (a Latin-1 file, say)
+        raise ConfigError(
+            f"--prompt is not UTF-8 text (byte {error.start} of it); convert the text to UTF-8 first, e.g. "
+            "with iconv -f latin1 -t utf-8."
+        ) from error
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     saved = read_checkpoint(args.checkpoint)
     if saved.tokenizer_json is None:
@@ -56,7 +73,7 @@ def main(argv: Sequence[str]) -> None:
             "without a data module (or by an older sa_train); use a checkpoint of a `python -m sa_train fit` "
             "run, which stores the run's tokenizer.json in every checkpoint."
         )
-    tokenizer = Tokenizer.from_str(saved.tokenizer_json)
+    tokenizer = parse_tokenizer(saved.tokenizer_json, saved.path)
     eos = eos_token_id(tokenizer, str(saved.path))
     model = SAModel.from_saved(saved).to(args.device)
     prompt_ids = [eos, *tokenizer.encode(args.prompt).ids]

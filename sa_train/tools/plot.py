@@ -7,7 +7,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from sa_train.errors import DataError
+from sa_train.errors import ConfigError, DataError
 from sa_train.tools import tool_parser
 
 
@@ -102,4 +102,14 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (loss.png)")
     parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window of the train loss (10)")
     args = parser.parse_args(argv)
+    if args.smooth < 1:
+        raise ConfigError(f"--smooth={args.smooth} must be at least 1 (1 = no smoothing).")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if args.out.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(
+            f"--out {args.out}: matplotlib writes no {args.out.suffix or 'suffix-less'} files; end the name "
+            f"with one of {', '.join('.' + name for name in sorted(formats))} (e.g. loss.png)."
+        )
     plot_loss(args.runs, args.out, args.smooth)

@@ -13,7 +13,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile
 
 from sa_train.data import TokenDataModule
-from sa_train.trainer_cli import SAArgumentParser
+from sa_train.trainer_cli import SAArgumentParser, check_sections
 
 
 def main(argv: Sequence[str]) -> None:
@@ -27,4 +27,5 @@ def main(argv: Sequence[str]) -> None:
         parser.add_argument(f"--{section}", type=Any, default=None, help="(read by fit; ignored here)")
     parser.add_argument("--seed_everything", type=Any, default=None, help="(read by fit; ignored here)")
     config = parser.parse_args(list(argv))
+    check_sections(config, ("data",))
     TokenDataModule(**config["data"].as_dict()).prepare_data()
