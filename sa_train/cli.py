@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from sa_train.compile_cache import remove_broken_libraries
 from sa_train.errors import SATrainError
 from sa_train.trainer_cli import SACLI, TRAINER_COMMANDS
 
@@ -55,6 +56,10 @@ TOOL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     ),
     "bench": (_tool("bench"), "training, decode and data speed of SA beside its dense twin and HF Llama"),
 }
+
+
+# Commands that may compile (model.compile, generate --compile, bench): usable Inductor cache first.
+COMPILING_COMMANDS = {"fit", "validate", "test", "generate", "bench"}
 
 
 def usage() -> str:
@@ -134,6 +139,11 @@ def main(args: Sequence[str] | None = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command in COMPILING_COMMANDS:
+        for path in remove_broken_libraries():
+            logging.getLogger("sa_train").info(
+                "Removed %s, left in Inductor's cache by a killed compile.", path
+            )
     try:
         if command in TRAINER_COMMANDS:
             SACLI(args=args)  # None: LightningCLI reads sys.argv itself
