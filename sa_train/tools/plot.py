@@ -4,6 +4,7 @@ dense twin."""
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,31 @@ def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def run_labels(runs: Sequence[Path]) -> list[str]:
+    """One legend label per run: its name (``dense-tiny`` for ``runs/dense-tiny/version_0``), or where
+    two runs share a name, the shortest path suffix that tells them apart (``dense-tiny/version_1``, as a
+    resume writes it beside ``version_0``). Keyed by name alone, the later run replaced the earlier one."""
+    folders = [Path(os.path.abspath(run.parent if run.is_file() else run)) for run in runs]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            raise ConfigError(
+                f"plot: {runs[i]} is given twice (as {runs[folders.index(folder)]} before); name each run "
+                "folder once."
+            )
+    names = [folder.parent.name if folder.name.startswith("version_") else folder.name for folder in folders]
+    labels = list(names)
+    for name in set(names):
+        clash = [i for i, other in enumerate(names) if other == name]
+        if len(clash) == 1:
+            continue
+        depth = 1 + any(folders[i].name.startswith("version_") for i in clash)
+        while len({folders[i].parts[-depth:] for i in clash}) < len(clash):
+            depth += 1
+        for i in clash:
+            labels[i] = Path(*folders[i].parts[-depth:]).as_posix()
+    return labels
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over ``window`` values: train loss is noisy per step, the trend is what matters."""
     out, total = [], 0.0
@@ -54,15 +80,16 @@ def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [Path(run) for run in runs]
     curves = {}
-    for run in map(Path, runs):
+    for run, label in zip(runs, run_labels(runs), strict=True):
         metrics = read_metrics(run)
         if not metrics.get("train/loss"):
             raise DataError(
                 f"plot: {run} holds no train/loss values yet (the run logs every trainer.log_every_n_steps "
                 "steps and may have stopped before the first); plot it after it has trained, or leave it out."
             )
-        curves[run.parent.name if run.name.startswith("version_") else run.name] = metrics
+        curves[label] = metrics
     with_ppl = any("val/ppl" in metrics for metrics in curves.values())
     fig, axes = plt.subplots(
         1, 2 if with_ppl else 1, figsize=(14 if with_ppl else 8, 5), dpi=120, squeeze=False

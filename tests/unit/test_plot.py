@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sa_train.cli import main
 from sa_train.tools.plot import moving_average, read_metrics
 
@@ -44,3 +46,34 @@ def test_plot_writes_a_png_of_every_run(tmp_path, capsys):
 def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics.csv" in capsys.readouterr().err
+
+
+def test_runs_of_one_name_keep_their_own_labels(tmp_path, monkeypatch):
+    """A resume writes version_1 beside version_0: both are drawn, told apart by their shortest suffix."""
+    from sa_train.tools import plot
+
+    for version in (0, 1):
+        write_run(tmp_path / "runs" / "dense-tiny" / f"version_{version}", [8.0, 7.0], [])
+    write_run(tmp_path / "runs" / "sa-tiny" / "version_0", [8.0, 7.0], [])
+    write_run(tmp_path / "other" / "sa-tiny" / "version_0", [8.0, 7.0], [])
+    monkeypatch.chdir(tmp_path)
+    runs = [
+        Path("runs/dense-tiny/version_0"),
+        Path("runs/dense-tiny/version_1"),
+        Path("runs/sa-tiny/version_0"),
+    ]
+    assert plot.run_labels(runs) == ["dense-tiny/version_0", "dense-tiny/version_1", "sa-tiny"]
+    runs = [Path("runs/sa-tiny/version_0"), Path("other/sa-tiny/version_0/metrics.csv")]
+    assert plot.run_labels(runs) == ["runs/sa-tiny/version_0", "other/sa-tiny/version_0"]
+
+    drawn = []
+    monkeypatch.setattr(plot, "moving_average", lambda values, window: drawn.append(values) or values)
+    plot.plot_loss([Path("runs/dense-tiny/version_0"), Path("runs/dense-tiny/version_1")], tmp_path / "l.png")
+    assert len(drawn) == 2
+
+
+def test_a_run_given_twice_is_a_clear_error(tmp_path, capsys):
+    write_run(tmp_path / "sa" / "version_0", [8.0, 7.0], [])
+    run = tmp_path / "sa" / "version_0"
+    assert main(["plot", str(run), str(run / ".." / "version_0")]) == 2
+    assert "given twice" in capsys.readouterr().err
