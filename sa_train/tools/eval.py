@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sa_train.errors import ConfigError
+from sa_train.errors import ConfigError, DataError
 from sa_train.tools import tool_parser
 from sa_train.tools.generate import check_device
 
@@ -38,6 +38,35 @@ def _model_args(model: Path) -> dict[str, Any]:
     return {"pretrained": str(model), "trust_remote_code": remote_code}
 
 
+def hub_message(tasks: list[str], shipped: list[str], reason: str) -> str:
+    """The one paragraph for lm-eval tasks whose data cannot be had from the Hugging Face Hub."""
+    return (
+        f"--tasks: {', '.join(tasks)} (lm-eval's) read their data from the Hugging Face Hub, and {reason}. "
+        f"The tasks that ship with sa_train need no network: "
+        f"{', '.join(shipped)}. To run a Hub task without a network, load it once where the Hub is reachable "
+        "(into the same HF_HOME cache), then set HF_HUB_OFFLINE=1."
+    )
+
+
+def check_hub_reachable(tasks: list[str], shipped: list[str]) -> None:
+    """Fails at once when ``tasks`` need the Hub and it does not answer. Unreachable, ``datasets`` retried
+    for 25 s (measured: 5 retries, 1 + 2 + 4 + 8 + 8 s) and failed with an error the command took for an
+    unwritable output folder; this probe is one request of at most 3 s. In offline mode ``datasets`` reads
+    its cache and fails at once, and :func:`evaluate` says which tasks were not there."""
+    hub_tasks = [task for task in tasks if task not in shipped]
+    from datasets.config import HF_HUB_OFFLINE
+
+    if not hub_tasks or HF_HUB_OFFLINE:
+        return
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=3)
+    except Exception as error:  # no answer at all, whatever the cause (DNS, refused, timeout, TLS, proxy)
+        reason = f"this machine cannot reach {constants.ENDPOINT} ({error or type(error).__name__})"
+        raise DataError(hub_message(hub_tasks, shipped, reason)) from error
+
+
 def evaluate(
     model: Path, tasks: list[str], limit: int | None, batch_size: int, device: str
 ) -> dict[str, Any]:
@@ -51,25 +80,35 @@ def evaluate(
             f"eval needs lm-evaluation-harness ({error}); install it with `pip install -e '.[eval]'`."
         ) from error
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    shipped = task_manager.all_subtasks
     if not set(tasks) <= set(task_manager.all_tasks):
         # Indexing lm-eval's own ~15k task files takes ~10 s here: only when a task is not sa_train's.
         task_manager = TaskManager(include_path=str(TASKS_DIR))
     unknown = [task for task in tasks if task not in task_manager.all_tasks]
     if unknown:
         raise ConfigError(
-            f"--tasks: lm-eval knows no task {', '.join(unknown)}. sa_train ships shakespeare_milton_ppl and "
-            "shakespeare_milton_cloze (offline); `lm_eval ls tasks` lists lm-eval's own."
+            f"--tasks: lm-eval knows no task {', '.join(unknown)}. sa_train ships {', '.join(shipped)} "
+            "(offline); `lm_eval ls tasks` lists lm-eval's own."
         )
-    return simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=tasks,
-        limit=limit,
-        batch_size=batch_size,
-        device=device,
-        task_manager=task_manager,
-        log_samples=False,
-    )
+    check_hub_reachable(tasks, shipped)
+    try:
+        return simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=task_manager,
+            log_samples=False,
+        )
+    except ConnectionError as error:  # datasets' answer to data neither downloadable nor in the cache
+        hub_tasks = [task for task in tasks if task not in shipped]
+        raise DataError(
+            hub_message(
+                hub_tasks, shipped, f"their data is neither downloadable nor in the local cache ({error})"
+            )
+        ) from error
 
 
 def main(argv: Sequence[str]) -> None:

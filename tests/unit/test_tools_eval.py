@@ -1,0 +1,53 @@
+"""`python -m sa_train eval` with tasks whose data is on the Hugging Face Hub, without a network."""
+
+from __future__ import annotations
+
+import datasets.config
+import huggingface_hub
+import lm_eval
+import pytest
+
+from sa_train.cli import main
+
+SHIPPED = "shakespeare_milton_cloze, shakespeare_milton_ppl"
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    return tmp_path
+
+
+class NoNetwork:
+    def head(self, url, timeout):
+        raise OSError("[Errno -2] Name or service not known")
+
+
+@pytest.mark.slow
+def test_a_hub_task_without_a_network_is_named_before_lm_eval_runs(model_folder, monkeypatch, capsys):
+    """Before: 25 s of retries, then an error that blamed the output folders."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_session", NoNetwork)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: pytest.fail("ran lm-eval: retries"))
+    code = main(["eval", "--model", str(model_folder), "--tasks", "lambada_openai,shakespeare_milton_ppl"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "lambada_openai (lm-eval's) read their data from the Hugging Face Hub" in err
+    assert "this machine cannot reach https://" in err
+    assert f"need no network: {SHIPPED}" in err and "output folders" not in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_hub_task_missing_from_the_cache_in_offline_mode_is_named(model_folder, monkeypatch, capsys):
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'EleutherAI/lambada_openai' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    assert main(["eval", "--model", str(model_folder), "--tasks", "lambada_openai"]) == 2
+    err = capsys.readouterr().err
+    assert "lambada_openai (lm-eval's) read their data from the Hugging Face Hub" in err
+    assert "neither downloadable nor in the local cache" in err
+    assert f"need no network: {SHIPPED}" in err and "output folders" not in err
