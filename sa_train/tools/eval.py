@@ -8,6 +8,7 @@ beside lm-eval's own, and writes lm-eval's results as JSON.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ def _model_args(model: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise ConfigError(f"--model: {config_file} is not a JSON object ({error}); export again.") from error
     return {"pretrained": str(model), "trust_remote_code": remote_code}
+
+
+def _drop_metadata_hint(record: logging.LogRecord) -> bool:
+    """lm-eval's hint that a task's ``custom_dataset`` function takes ``--metadata`` kwargs, logged as a
+    warning for each shipped task on every run: their loaders (``tasks/local_data.py``) take none."""
+    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
 def hub_message(tasks: list[str], shipped: list[str], reason: str) -> str:
@@ -79,6 +86,7 @@ def evaluate(
         raise ConfigError(
             f"eval needs lm-evaluation-harness ({error}); install it with `pip install -e '.[eval]'`."
         ) from error
+    logging.getLogger("lm_eval.api.task").addFilter(_drop_metadata_hint)  # once: filters are a set
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     shipped = task_manager.all_subtasks
     if not set(tasks) <= set(task_manager.all_tasks):

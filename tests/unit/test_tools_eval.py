@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import datasets.config
 import huggingface_hub
 import lm_eval
 import pytest
 
 from sa_train.cli import main
+from sa_train.tools.eval import evaluate
 
 SHIPPED = "shakespeare_milton_cloze, shakespeare_milton_ppl"
 
@@ -51,3 +54,17 @@ def test_a_hub_task_missing_from_the_cache_in_offline_mode_is_named(model_folder
     assert "lambada_openai (lm-eval's) read their data from the Hugging Face Hub" in err
     assert "neither downloadable nor in the local cache" in err
     assert f"need no network: {SHIPPED}" in err and "output folders" not in err
+
+
+def test_the_shipped_tasks_load_without_lm_eval_warnings(model_folder, monkeypatch, caplog):
+    """Before: six warnings of metrics without aggregation or higher_is_better, and one --metadata hint
+    per task, on every eval."""
+
+    def load_only(task_manager, tasks, **kwargs):
+        task_manager.load(tasks)
+        return {}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", load_only)
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(model_folder, SHIPPED.split(", "), limit=None, batch_size=1, device="cpu") == {}
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("lm_eval")] == []
