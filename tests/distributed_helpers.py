@@ -135,3 +135,19 @@ class PauseForPreemption(Callback):
         deadline = time.monotonic() + self.seconds
         while time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+class StepMarker(Callback):
+    """Rank 0 writes the optimizer step it has reached to ``path`` after every batch (replaced whole), so a
+    test can kill a run at a chosen point of training without guessing from the clock."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.is_global_zero:
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(str(trainer.global_step))
+            os.replace(partial, self.path)
