@@ -379,6 +379,33 @@ class SACLI(LightningCLI):
         return trainer
 
 
+class _ParseOnly(SACLI):
+    """SACLI that parses and checks, and builds, seeds and runs nothing."""
+
+    def __init__(self, args: Sequence[str], prog: str) -> None:
+        self._prog = prog
+        super().__init__(args, run=False)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return super().init_parser(**{**kwargs, "prog": self._prog})
+
+    def _set_seed(self) -> None:
+        """Parsing seeds nothing (Lightning's seeding also logs "Seed set to 1234")."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is built."""
+
+
+def parse_training_config(args: Sequence[str], prog: str) -> Namespace:
+    """The config ``fit`` would run with ``args`` (``--config FILE`` and ``--section.key`` overrides on the
+    trainer's defaults), parsed and checked by fit's own parser, so tools read a training config as fit
+    does; parse errors end the process as fit's do, naming ``prog``."""
+    with warnings.catch_warnings():
+        # ``args`` are the tool's command line less its own options; Lightning warns when they differ.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _ParseOnly(args, prog).config
+
+
 def _check_outputs_in_root_dir(trainer: Trainer) -> None:
     """With loggers, the first one's folder decides where metrics and checkpoints go; a
     ``trainer.default_root_dir`` elsewhere would be silently ignored, so the two must agree."""

@@ -1,6 +1,7 @@
 """``python -m sa_train cost --config FILE``: what a config costs to train and serve, beside its dense twin.
 
-Everything comes from the config alone (:mod:`sa_train.cost`); nothing is built or run.
+Everything comes from the config alone (:mod:`sa_train.cost`), read as fit reads it, with fit's overrides
+(``--model.config.sa_groups every:3``); nothing is built or run.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sa_train.config import SAConfig
 from sa_train.cost import BYTES_PER_ELEMENT, cost_report
 from sa_train.errors import ConfigError
 from sa_train.tools import tool_parser
+from sa_train.trainer_cli import parse_training_config
 
 # Trainer precision -> element type of the activations, hence of the KV cache.
+# The options of fit that cost takes, besides its own.
+FIT_SECTIONS = ("--model.", "--data.", "--trainer.")
 PRECISION_DTYPE = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16-true": "fp16"}
 
 
@@ -32,44 +34,28 @@ class TrainingShape:
     dtype: str  # element type of activations and the KV cache under trainer.precision
 
 
-def read_training_config(path: Path) -> TrainingShape:
-    """The model config, training sequence length, micro-batch and cache dtype of a training YAML."""
+def read_training_config(path: Path, overrides: Sequence[str] = ()) -> TrainingShape:
+    """The model config, training sequence length, micro-batch and cache dtype of a training YAML with
+    ``--section.key`` overrides, read by fit's own parser: the defaults are the data module's and the
+    Trainer's (data.seq_len 256, data.batch_size 16, precision 32-true), as a fit of the config would use."""
     if not path.is_file():
         raise ConfigError(
             f"--config: no file at {path}; give a training config such as configs/sa-tiny.yaml."
         )
+    parsed = parse_training_config(["--config", str(path), *overrides], "python -m sa_train cost")
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(
-            f"--config: {path} is not a readable YAML file ({type(error).__name__})."
-        ) from error
-    model_section = (document or {}).get("model") if isinstance(document, dict) else None
-    if not isinstance(model_section, dict) or not isinstance(model_section.get("config"), dict):
-        raise ConfigError(
-            f"--config: {path} has no model.config section; give a training config such as "
-            "configs/sa-tiny.yaml."
-        )
-    try:
-        config = SAConfig(**model_section["config"])
+        config = SAConfig(**parsed.model.config.as_dict())
     except TypeError as error:
         raise ConfigError(f"model.config in {path}: {error}.") from error
-    for section in ("data", "trainer"):
-        if not isinstance(document.get(section) or {}, dict):
-            raise ConfigError(
-                f"--config: {section} in {path} is a {type(document[section]).__name__}, but it must be a "
-                f"mapping of settings (`key: value` lines under `{section}:`), as in configs/sa-tiny.yaml."
-            )
-    data = document.get("data") or {}
-    precision = str((document.get("trainer") or {}).get("precision") or "32-true")
-    seq_len, batch_size = data.get("seq_len") or config.max_seq_len, data.get("batch_size") or 8
-    if not (isinstance(seq_len, int) and 1 <= seq_len <= config.max_seq_len):
+    seq_len, batch_size = parsed.data.seq_len, parsed.data.batch_size
+    if not 1 <= seq_len <= config.max_seq_len:
         raise ConfigError(
-            f"data.seq_len={seq_len!r} in {path} must be a whole number of tokens in 1..{config.max_seq_len} "
-            "(model.config.max_seq_len)."
+            f"data.seq_len={seq_len} must be a whole number of tokens in 1..{config.max_seq_len} "
+            "(model.config.max_seq_len); set --data.seq_len or --model.config.max_seq_len."
         )
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ConfigError(f"data.batch_size={batch_size!r} in {path} must be a positive whole number.")
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size} must be a positive whole number.")
+    precision = str(parsed.trainer.precision or "32-true")
     return TrainingShape(
         config=config, seq_len=seq_len, batch_size=batch_size, dtype=PRECISION_DTYPE.get(precision, "fp32")
     )
@@ -145,7 +131,12 @@ def format_report(report: dict[str, Any], name: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = tool_parser("cost", "Parameters, FLOPs and KV-cache size of a config and of its dense twin.")
+    parser = tool_parser(
+        "cost",
+        "Parameters, FLOPs and KV-cache size of a config and of its dense twin. fit's --model.*, --data.* "
+        "and --trainer.* options override the config, e.g. --model.config.sa_groups every:3 (`python -m "
+        "sa_train fit --help` lists them).",
+    )
     parser.add_argument("--config", type=Path, required=True, help="a training config (YAML)")
     parser.add_argument(
         "--context", type=int, help="cached positions per decoded token (model.config.max_seq_len)"
@@ -154,8 +145,11 @@ def main(argv: Sequence[str]) -> None:
         "--dtype", choices=sorted(BYTES_PER_ELEMENT), help="KV-cache element type (from trainer.precision)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = parser.parse_args(argv)
-    shape = read_training_config(args.config)
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [arg for arg in overrides if arg.startswith("-") and not arg.startswith(FIT_SECTIONS)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    shape = read_training_config(args.config, overrides)
     config = shape.config
     if args.context is not None and not 1 <= args.context <= config.max_seq_len:
         raise ConfigError(

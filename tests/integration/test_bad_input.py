@@ -304,7 +304,7 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
     (
         "cost-section-list",
         lambda d, c: ["cost", f"--config={edited_config(c, _set('data', [1]))}"],
-        "data in",
+        "data is a list ([1]) in the config, but it must be a mapping",
     ),
     (
         "prepare-section-list",
@@ -380,6 +380,11 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
     ("plot-format", lambda d, c: ["plot", str(d), f"--out={d / 'loss.xyz'}"], "matplotlib writes no .xyz"),
     ("tool-parse-error", lambda d, c: ["generate", "--checkpoint"], "expected one argument"),
     ("tool-unknown-option", lambda d, c: ["cost", f"--config={c}", "--jsn"], "Did you mean --json"),
+    (
+        "cost-unknown-override",
+        lambda d, c: ["cost", f"--config={c}", "--model.config.n_layer=4"],
+        "Did you mean --model.config.n_layers",
+    ),
     ("unknown-command", lambda d, c: ["fitt"], "unknown command 'fitt'. Did you mean fit?"),
     (
         "precision",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -118,3 +119,30 @@ def test_cost_command_bad_input(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model:\n  config:\n    n_layers: 4\n    sa_groups: every:0\n")
     assert main(["cost", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "model.config.sa_groups" in capsys.readouterr().err
+
+
+def test_cost_takes_fit_overrides_and_the_data_modules_defaults(tmp_path, capsys):
+    """Before: an override was refused (each variant needed a YAML file), and a config without a data section
+    was costed at model.config.max_seq_len instead of the data module's seq_len."""
+    from sa_train.data import TokenDataModule
+
+    tiny = str(ROOT / "configs" / "sa-tiny.yaml")
+    args = ["cost", "--config", tiny, "--json", "--model.config.sa_groups", "every:4", "--trainer.precision"]
+    assert main([*args, "bf16-mixed"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sa"]["n_anchors"] == 2 and report["settings"]["dtype"] == "bf16"
+    assert main(["cost", "--config", tiny, "--json", "--model.config.sa_groups=every:3"]) == 0
+    assert json.loads(capsys.readouterr().out)["sa"]["n_anchors"] == 3
+
+    (tmp_path / "model.yaml").write_text("model:\n  config:\n    n_layers: 4\n    max_seq_len: 1024\n")
+    assert main(["cost", "--config", str(tmp_path / "model.yaml"), "--json"]) == 0
+    seq_len = json.loads(capsys.readouterr().out)["settings"]["seq_len"]
+    assert seq_len == inspect.signature(TokenDataModule).parameters["seq_len"].default == 256
+
+    with pytest.raises(SystemExit) as parse_error:  # parse errors exit as fit's do
+        main(["cost", "--config", tiny, "--model.config.sa_group", "every:3"])
+    assert parse_error.value.code == 2
+    err = capsys.readouterr().err
+    assert "Did you mean --model.config.sa_groups" in err and "python -m sa_train cost --help" in err
+    assert main(["cost", "--config", tiny, "--data.seq_len", "512"]) == 2
+    assert "data.seq_len=512 must be" in capsys.readouterr().err
