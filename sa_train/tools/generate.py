@@ -52,12 +52,27 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: this machine has no CUDA device; use --device cpu.")
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """--top-k and --top-p shape sampling; at --temperature 0 (the default) decoding is greedy and they
+    were ignored without a word."""
+    given = [
+        f"--top-{kind} {value}" for kind, value in (("k", args.top_k), ("p", args.top_p)) if value is not None
+    ]
+    if given and args.temperature == 0:
+        raise ConfigError(
+            f"{' and '.join(given)} only apply when sampling, and without --temperature decoding is greedy; "
+            f"add a temperature above 0, e.g. --temperature 0.8 {' '.join(given)}, or drop "
+            f"{' and '.join(flag.split()[0] for flag in given)}."
+        )
+
+
 def main(argv: Sequence[str]) -> None:
     """Stream the prompt and its continuation to stdout."""
     from tokenizers.decoders import DecodeStream
 
     args = build_parser().parse_args(argv)
     check_device(args.device)
+    check_sampling_flags(args)
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as error:  # bytes the shell passed that are not UTF-8 (a Latin-1 file, say)

@@ -74,6 +74,12 @@ def test_generate_streams_the_prompt_and_the_models_continuation(tmp_path, token
         ("top-p-0", "top_p=0.0 must lie in (0, 1]"),
         ("top-p-2", "top_p=2.0 must lie in (0, 1]"),
         ("no-room", "max_new_tokens=40 (--max-new-tokens) does not fit"),
+        # Before: ignored without a word, and the text was the greedy one.
+        ("top-k-greedy", "--top-k 5 only apply when sampling, and without --temperature decoding is greedy"),
+        (
+            "top-k-p-greedy",
+            "add a temperature above 0, e.g. --temperature 0.8 --top-k 5 --top-p 0.9, or drop",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, tokenizer_json, capsys, case, expected):
@@ -90,6 +96,8 @@ def test_bad_input_is_one_clear_error(tmp_path, tokenizer_json, capsys, case, ex
         args.update(temperature="1.0", top_p="0" if case == "top-p-0" else "2")
     elif case == "no-room":
         args["max_new_tokens"] = "40"
+    elif case.startswith("top-k"):
+        args.update(top_k="5", **({"top_p": "0.9"} if case == "top-k-p-greedy" else {}))
     flags = [item for key, value in args.items() for item in (f"--{key.replace('_', '-')}", value)]
     code, out, err = run(["--checkpoint", str(ckpt), *flags], capsys)
     assert code == 2
