@@ -109,24 +109,48 @@ def plot_heatmap(matrix: list[list[float]], layers: list[int], title: str, out: 
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = tool_parser("analyze", __doc__.split("\n\n")[0])
+    parser = tool_parser(
+        "analyze",
+        "Which layers of a checkpoint attend alike, and the SA groups that follow: writes "
+        "similarity.json and similarity.png into --out and prints suggested groups in config syntax.",
+    )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by fit")
     parser.add_argument(
         "--out", type=Path, required=True, help="folder for similarity.json and similarity.png"
     )
     parser.add_argument(
-        "--data", type=Path, help="held-out text: .txt or .jsonl(.gz) (the shipped held-out works)"
+        "--data",
+        type=Path,
+        help="held-out text: .txt or .jsonl(.gz) (default: the works the default split holds out of "
+        "training)",
     )
-    parser.add_argument("--text-field", default="text", help="jsonl field holding the text (text)")
-    parser.add_argument("--batches", type=int, default=2, help="batches of held-out tokens (2)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch (4)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (min(256, the model's context))")
-    parser.add_argument("--measure", choices=("js", "cosine"), default="js", help="heatmap and groups (js)")
+    parser.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    parser.add_argument("--batches", type=int, default=2, help="batches of held-out tokens (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default: 4)")
     parser.add_argument(
-        "--pairing", choices=("matched", "index", "mean"), default="matched", help="(matched)"
+        "--seq-len", type=int, help="tokens per sequence (default: min(256, the model's context))"
     )
-    parser.add_argument("--threshold", type=float, default=0.8, help="similarity a layer needs to its anchor")
-    parser.add_argument("--kv-budget", type=float, help="KV cache as a fraction of the dense one, e.g. 0.75")
+    parser.add_argument(
+        "--measure",
+        choices=("js", "cosine"),
+        default="js",
+        help="similarity measure of the heatmap and groups (default: js)",
+    )
+    parser.add_argument(
+        "--pairing",
+        choices=("matched", "index", "mean"),
+        default="matched",
+        help="how heads of two layers are paired: the best one-to-one match, by index, or the mean over "
+        "all pairs (default: matched)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.8, help="similarity a layer needs to its anchor (default: 0.8)"
+    )
+    parser.add_argument(
+        "--kv-budget",
+        type=float,
+        help="KV cache as a fraction of the dense one, e.g. 0.75 (default: groups by --threshold)",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
         raise ConfigError(f"--threshold={args.threshold}: similarities lie in [0, 1]; e.g. 0.8.")

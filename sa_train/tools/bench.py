@@ -383,8 +383,14 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """``machine: cpu (x86_64), 16 threads, torch 2.13.0`` (with the GPU's name on CUDA)."""
+    where = f"{info['device']} ({info['gpu'] if 'gpu' in info else info['cpu']})"
+    return f"machine: {where}, {info['threads']} threads, torch {info['torch']}"
+
+
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"machine: {report['machine']}"]
+    lines = [machine_line(report["machine"])]
     train = report.get("train")
     if train:
         lines.append(f"\ntrain: batch {train['batch']} x {train['seq_len']}, full optimizer step")

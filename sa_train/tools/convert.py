@@ -51,21 +51,39 @@ def fine_tune_overrides(config: SAConfig, hf: Path | None) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = tool_parser("convert", __doc__.split("\n\n")[0])
+    parser = tool_parser(
+        "convert",
+        "Retrofit a trained dense model (a sa_train checkpoint or a local Hugging Face Llama folder) into "
+        "an SA model, reporting held-out perplexity before and after.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a dense model's checkpoint")
     source.add_argument(
         "--hf", type=Path, help="a local Hugging Face Llama folder (config.json, weights, tokenizer.json)"
     )
-    parser.add_argument("--groups", required=True, help="SA groups: every:G, dense:D,every:G or a list")
-    parser.add_argument("--out", type=Path, required=True, help="the SA checkpoint to write")
-    parser.add_argument("--no-head-matching", action="store_true", help="keep every layer's head order")
     parser.add_argument(
-        "--data", type=Path, help="held-out text: its first part matches heads, the next one is scored"
+        "--groups",
+        required=True,
+        help="SA groups: every:G, dense:D,every:G or a list, as model.config.sa_groups",
     )
-    parser.add_argument("--text-field", default="text", help="jsonl field holding the text (text)")
+    parser.add_argument("--out", type=Path, required=True, help="the SA checkpoint to write")
     parser.add_argument(
-        "--tokens", type=int, default=4096, help="held-out tokens for matching, and as many scored (4096)"
+        "--no-head-matching",
+        action="store_true",
+        help="keep every layer's head order (default: reorder heads to match their anchor's)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="held-out text, .txt or .jsonl(.gz): its first part matches heads, the next one is scored "
+        "(default: the works the default split holds out of training)",
+    )
+    parser.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=4096,
+        help="held-out tokens for matching, and as many scored (default: 4096)",
     )
     args = parser.parse_args(argv)
     if args.tokens < 1:
