@@ -2,8 +2,11 @@
 
 The order of an epoch is a pure function of ``(seed, epoch)``: a permutation of all sample indices, dealt
 round-robin to ranks and cut to the same length on every rank (so DDP ranks never wait on each other).
-Resuming therefore needs only ``(epoch, batches consumed)``: the sampler recomputes the permutation and
-starts slicing at the offset, without touching the skipped samples.
+Round-robin dealing means that after k steps the ranks together have trained on exactly the first
+k · batch · world samples of the permutation, whatever the batch size and world size. Resuming therefore
+needs only ``(epoch, samples consumed)``: the sampler recomputes the permutation and deals the rest of it,
+so a run resumed with another ``data.batch_size`` or number of devices continues at the same point of the
+token stream and sees each sample of the epoch once.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Yields this rank's batches of sample indices for the current epoch, from ``start_batch`` on.
+    """Yields this rank's batches of sample indices for the current epoch, from sample ``start`` on.
 
-    ``set_epoch`` is called by Lightning at the start of every epoch; moving to a new epoch clears the resume
-    offset and the consumed count. The last batch of an epoch may be short; every rank has the same number.
+    ``start`` counts the samples of the epoch's permutation that all ranks together already trained on
+    (set by a resume), ``before`` the batches they took (Lightning's batch count of the epoch, which a
+    resumed epoch continues). ``set_epoch`` is called by Lightning at the start of every epoch; moving to
+    a new epoch clears both and the consumed count. The last batch of an epoch may be short; every rank
+    has the same number.
     """
 
     def __init__(
@@ -36,36 +42,44 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
-        self.per_rank = num_samples // world_size
+        self.usable = num_samples // world_size * world_size  # dealt equally; the rest waits an epoch
         self.epoch = 0
-        self.start_batch = 0
-        self.consumed = 0
+        self.start = 0
+        self.before = 0
+        self.consumed = 0  # batches trained on since ``start``
+        self.passed = False  # a whole pass over the epoch was drawn: a later one starts at its beginning
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.start_batch = 0
-            self.consumed = 0
+            self.start = self.before = self.consumed = 0
+            self.passed = False
         self.epoch = epoch
 
-    def rank_indices(self, epoch: int) -> np.ndarray:
-        """All sample indices this rank sees in ``epoch``, in order."""
+    def rank_indices(self, epoch: int, start: int = 0) -> np.ndarray:
+        """The sample indices this rank sees in ``epoch`` after the first ``start`` samples, in order."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
         else:
             order = np.arange(self.num_samples)
-        return order[self.rank :: self.world_size][: self.per_rank]
+        rest = order[start : self.usable]
+        return rest[self.rank :: self.world_size][: len(rest) // self.world_size]
+
+    def samples_consumed(self) -> int:
+        """Samples of the epoch's permutation all ranks together have trained on."""
+        return min(self.usable, self.start + self.consumed * self.batch_size * self.world_size)
 
     def __len__(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
+        remaining = (self.usable - self.start) // self.world_size
+        return self.before + math.ceil(remaining / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         # Read lazily: DataLoader may create and drop sampler iterators before the first batch. The offset
         # holds until one pass completes, so a later pass over the same epoch starts from its beginning.
-        order = self.rank_indices(self.epoch)
+        order = self.rank_indices(self.epoch, 0 if self.passed else self.start)
         size = self.batch_size
-        for b in range(self.start_batch, len(self)):
+        for b in range(math.ceil(len(order) / size)):
             yield order[b * size : (b + 1) * size].tolist()
-        self.start_batch = 0
+        self.passed = True
 
 
 class ResumableLoader:
@@ -103,31 +117,36 @@ class ResumableLoader:
         self.sampler.consumed += 1
 
     def _layout(self) -> dict[str, Any]:
+        """What the epoch's permutation depends on: a resume continues it only if these are unchanged."""
         s = self.sampler
-        return {
-            "num_samples": s.num_samples,
-            "batch_size": s.batch_size,
-            "seed": s.seed,
-            "shuffle": s.shuffle,
-            "world_size": s.world_size,
-        }
+        return {"num_samples": s.num_samples, "seed": s.seed, "shuffle": s.shuffle}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "batches_consumed": self.sampler.consumed, **self._layout()}
+        s = self.sampler
+        return {
+            "epoch": s.epoch,
+            "batches_consumed": s.before + s.consumed,
+            "samples_consumed": s.samples_consumed(),
+            "batch_size": s.batch_size,
+            "world_size": s.world_size,
+            **self._layout(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, consumed = state["epoch"], state["batches_consumed"]
+        epoch, batches = state["epoch"], state["batches_consumed"]
+        # Checkpoints written before samples_consumed existed kept their batch size and world size.
+        samples = state.get("samples_consumed", batches * state["batch_size"] * state["world_size"])
         saved_layout = {k: state.get(k) for k in self._layout()}
         if saved_layout != self._layout():
             warnings.warn(
                 f"The checkpoint's data order was made with {saved_layout}, the current one is "
-                f"{self._layout()}; the data position cannot be restored exactly, so epoch {epoch} "
-                "restarts from its first batch.",
+                f"{self._layout()} (another corpus, data.seq_len or data.seed); the data position cannot be "
+                f"restored exactly, so epoch {epoch} restarts from its first batch.",
                 stacklevel=2,
             )
-            consumed = 0
-        if consumed >= len(self):
-            epoch, consumed = epoch + 1, 0
-        self.sampler.epoch = epoch
-        self.sampler.start_batch = consumed
-        self.sampler.consumed = consumed
+            samples = batches = 0
+        sampler = self.sampler
+        sampler.epoch, sampler.start, sampler.before, sampler.consumed = epoch, samples, batches, 0
+        sampler.passed = False
+        if (sampler.usable - samples) // sampler.world_size < 1:
+            sampler.set_epoch(epoch + 1)

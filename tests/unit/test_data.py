@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -303,7 +304,8 @@ def test_resume_offset_starts_at_the_next_batch(prepared: tuple[TokenDataModule,
     loader.sampler.set_epoch(2)
     full = [inputs for inputs, _ in loader]
     resumed = dm.train_dataloader()
-    resumed.load_state_dict({**loader.state_dict(), "epoch": 2, "batches_consumed": 3})
+    consumed = {"epoch": 2, "batches_consumed": 3, "samples_consumed": 3 * loader.sampler.batch_size}
+    resumed.load_state_dict({**loader.state_dict(), **consumed})
     rest = [inputs for inputs, _ in resumed]
     assert len(rest) == len(full) - 3
     assert all(torch.equal(a, b) for a, b in zip(rest, full[3:], strict=True))
@@ -313,17 +315,52 @@ def test_resume_offset_starts_at_the_next_batch(prepared: tuple[TokenDataModule,
 def test_resume_state_at_epoch_end_moves_to_next_epoch() -> None:
     sampler = EpochBatchSampler(20, 4, 0, True)
     loader = ResumableLoader(PackedTokenDataset("unused", "uint16", 21, 1), sampler, 0)
-    loader.load_state_dict({**loader.state_dict(), "epoch": 3, "batches_consumed": len(loader)})
-    assert (sampler.epoch, sampler.start_batch) == (4, 0)
+    at_end = {"epoch": 3, "batches_consumed": len(loader), "samples_consumed": 20}
+    loader.load_state_dict({**loader.state_dict(), **at_end})
+    assert (sampler.epoch, sampler.start, len(sampler)) == (4, 0, 5)
 
 
-def test_changed_layout_warns_and_restarts_epoch() -> None:
+def test_changed_order_warns_and_restarts_epoch() -> None:
+    """Another seed (or corpus, or seq_len: another number of samples) is another permutation."""
     loader = ResumableLoader(
         PackedTokenDataset("unused", "uint16", 21, 1), EpochBatchSampler(20, 4, 0, True), 0
     )
     with pytest.warns(UserWarning, match="cannot be restored exactly"):
-        loader.load_state_dict({**loader.state_dict(), "batch_size": 8, "epoch": 1, "batches_consumed": 2})
-    assert (loader.sampler.epoch, loader.sampler.start_batch) == (1, 0)
+        loader.load_state_dict({**loader.state_dict(), "seed": 8, "epoch": 1, "batches_consumed": 2})
+    assert (loader.sampler.epoch, loader.sampler.start, len(loader)) == (1, 0, 5)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [((4, 1), (6, 1)), ((4, 2), (3, 3)), ((5, 1), (2, 2)), ((3, 3), (8, 1))]
+)
+def test_resume_with_another_batch_or_world_size_sees_each_sample_once(before, after) -> None:
+    """(batch size, world size) before and after the resume: the epoch goes on from the samples all ranks
+    consumed, each sample once, and Lightning's batch count of the epoch ends where the batches do."""
+    dataset = PackedTokenDataset("unused", "uint16", 21, 1)
+    (size, world), steps = before, 3
+    ranks = [
+        ResumableLoader(dataset, EpochBatchSampler(50, size, 7, True, r, world), 0) for r in range(world)
+    ]
+    seen = [i for loader in ranks for batch in list(loader.sampler)[:steps] for i in batch]
+    for _ in range(steps):
+        ranks[0].mark_consumed()
+    state = ranks[0].state_dict()
+    assert state["samples_consumed"] == steps * size * world
+
+    (size, world) = after
+    resumed = [
+        ResumableLoader(dataset, EpochBatchSampler(50, size, 7, True, r, world), 0) for r in range(world)
+    ]
+    for loader in resumed:
+        loader.load_state_dict(state)
+    rest = [list(loader.sampler) for loader in resumed]
+    seen += [i for batches in rest for batch in batches for i in batch]
+    order = np.random.default_rng([7, 0]).permutation(50)
+    # Each once, and in the permutation's order: a prefix of it, short only of the < world samples that
+    # cannot be dealt equally (they wait for the next epoch, as an epoch's tail always does).
+    assert sorted(seen) == sorted(order[: len(seen)].tolist()) and len(seen) > 50 - world
+    assert all(len(loader) == steps + len(batches) for loader, batches in zip(resumed, rest, strict=True))
+    assert len(list(resumed[0].sampler)) == math.ceil(50 // world / size)  # a later pass: the whole epoch
 
 
 def test_dtype_choice() -> None:
