@@ -233,8 +233,8 @@ def test_shipped_config_trains_resumes_bitwise_and_serves(shipped, precision, tm
     assert tool(["generate", "--checkpoint", str(final), *prompt], work, capsys).strip()
     if not one_process:
         # `test` is `validate`'s loop on another split, and `eval` reads the export, which is the same for
-        # every strategy: both run in the one-process rehearsals, where they cost no extra start-up of two
-        # ranks and a compile (a third of a DeepSpeed rehearsal's time).
+        # every strategy: both run in the one-process rehearsals, which need no start-up of two ranks with
+        # a compile each (the DeepSpeed rehearsals were the two longest tests of the suite with them).
         return
     tool(["test", "--config", str(configs["killed"]), f"--ckpt_path={final}"], work, in_process)
     assert math.isfinite(metrics(resumed / "test")["test/loss"][-1][1])
