@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from sa_train.checkpoint import atomic_hardlink, remove_stale_temp_files
+from sa_train.checkpoint import atomic_hardlink, remove_stale_temp_files, warn_removed
 from sa_train.cost import cost_report, training_flops_per_token
 from sa_train.errors import ConfigError
 from sa_train.model import SAModel
@@ -94,8 +94,7 @@ class LastStepCheckpoint(ModelCheckpoint):
         """
         if not folder.is_dir():
             return
-        for path in remove_stale_temp_files(folder):
-            warnings.warn(f"Removed {path}, left by a checkpoint write that was killed.", stacklevel=2)
+        warn_removed(remove_stale_temp_files(folder))
         steps = self._step_checkpoints(folder) if self.monitor is None and self.save_top_k == 1 else {}
         if steps:
             newest = max(steps, key=steps.__getitem__)

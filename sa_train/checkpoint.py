@@ -25,6 +25,7 @@ import secrets
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -244,6 +245,12 @@ def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def warn_removed(paths: list[Path]) -> None:
+    """Tell the user what :func:`remove_stale_temp_files` removed, one warning per entry."""
+    for path in paths:
+        warnings.warn(f"Removed {path}, left by a checkpoint write that was killed.", stacklevel=3)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 
 from sa_train.callbacks import LastStepCheckpoint, StepProgressBar, relink_last_checkpoint
 from sa_train.checkpoint import ModelCheckpoint as SavedModel
-from sa_train.checkpoint import read_checkpoint, remove_stale_temp_files
+from sa_train.checkpoint import read_checkpoint, remove_stale_temp_files, warn_removed
 from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule
@@ -272,8 +272,7 @@ class SACLI(LightningCLI):
         if self.trainer.is_global_zero:
             self._claimed = claim_run_folder(self.trainer.logger)
             for folder in checkpoint_folders(self.trainer):
-                for path in remove_stale_temp_files(folder):
-                    warnings.warn(f"Removed {path}, left by a killed checkpoint write.", stacklevel=1)
+                warn_removed(remove_stale_temp_files(folder))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """A fit refused after its folder was claimed (data checks run inside ``trainer.fit``: an unwritable
