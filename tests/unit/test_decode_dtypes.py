@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import lightning as L
 import pytest
 import torch
+from references import greedy_by_full_forward
 
 from sa_train import SAConfig, SAModel
 from sa_train.callbacks import InferenceCost, measure_decode
@@ -84,13 +85,6 @@ def assert_decode_as_close_as_the_forward(model: SAModel, name: str, prompt_len:
 @pytest.mark.parametrize("sa_groups", ["dense", "every:2"])
 def test_prefill_and_decode_follow_the_compute_dtype_and_equal_the_forward(name, sa_groups):
     assert_decode_as_close_as_the_forward(build(sa_groups), name)
-
-
-def greedy_by_full_forward(model: SAModel, prompt: list[int], new_tokens: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from references import greedy_by_full_forward
 
 from sa_train import SAConfig, SAModel
 from sa_train.errors import ConfigError
@@ -25,15 +26,6 @@ def model() -> SAModel:
         sa_groups=[[0], [1, 2, 3]],
     )
     return SAModel(SAConfig(**{**config.to_dict(), "init_std": 0.3})).eval()
-
-
-def greedy_by_full_forward(model: SAModel, prompt: list[int], new_tokens: int) -> list[int]:
-    """The definition of greedy decoding: rerun the whole sequence, take the argmax, append."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 def test_greedy_generation_of_padded_prompts_equals_rerunning_the_full_forward(model):
