@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,18 +71,57 @@ def tiny_run_config(tmp_path: Path, corpus: Path, **model_config) -> Path:
     return path
 
 
-def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """Run ``python -m sa_train ARGS`` in a fresh process, as a user would, with this checkout's sa_train
-    (and the test helpers) importable wherever ``cwd`` is, and ``env`` added to the environment."""
+def module_env(**env: str) -> dict[str, str]:
+    """This environment with this checkout's sa_train (and the test helpers) importable from anywhere, and
+    ``env`` added."""
     path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **env}
+
+
+def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -m sa_train ARGS`` in a fresh process, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "sa_train", *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": path, **env},
+        env=module_env(**env),
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def kill_when(
+    command: list[str], cwd: Path, stop: Callable[[], bool], timeout: float, poll: float = 0.05, **env: str
+) -> None:
+    """Start ``command`` (with :func:`module_env`) and SIGKILL its whole process group (every rank and
+    loader worker, as a scheduler kills a job) as soon as ``stop()`` is true, checked every ``poll``
+    seconds. Fails if the process ends first or ``stop()`` is still false after ``timeout`` seconds."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=module_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline, stopped = time.monotonic() + timeout, False
+    try:
+        while not stopped and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll)
+            stopped = stop()
+        assert process.poll() is None, process.stderr.read().decode()[-5000:]
+        assert stopped, f"{command} was killed after {timeout} s without reaching the point to kill it at"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+
+
+def kill_module_when(
+    args: list[str], cwd: Path, stop: Callable[[], bool], timeout: float, poll: float = 0.05, **env: str
+) -> None:
+    """:func:`kill_when` for ``python -m sa_train ARGS``."""
+    kill_when([sys.executable, "-m", "sa_train", *args], cwd, stop, timeout, poll, **env)
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -241,15 +283,3 @@ def test_last_checkpoint_holds_the_final_step_between_save_intervals(tmp_path, s
     checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
     assert torch.load(checkpoints / "epoch=0-step=4.ckpt", weights_only=True)["global_step"] == 4
-
-
-@pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path, small_corpus):
-    """Two gloo ranks: each reads its own shard of every epoch, tokens are counted across ranks."""
-    config = tiny_run_config(tmp_path, small_corpus)
-    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=4"]
-    result = run_module(["fit", "--config", str(config), *ddp], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv").open()))
-    tokens = [float(r["train/tokens"]) for r in rows if r.get("train/tokens")]
-    assert tokens == [2 * 8 * 64 * step for step in range(1, 5)]

@@ -57,12 +57,14 @@ class BatchRecorder(Callback):
 
     def __init__(self) -> None:
         self.hashes: list[str] = []
+        self.samples: list[str] = []
         self.steps_after: list[int] = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
     ) -> None:
         self.hashes.append(hashlib.sha1(batch[0].numpy().tobytes()).hexdigest())
+        self.samples += [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in batch[0]]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
@@ -77,13 +79,14 @@ def _fit(
     accumulate: int,
     max_steps: int = TOTAL_STEPS,
     ckpt_path: str | None = None,
+    batch_size: int = 8,
 ) -> tuple[BatchRecorder, TokenDataModule]:
     """Train ``TinyLM``, checkpointing after every optimizer step, as a run that may crash would."""
     dm = TokenDataModule(
         source=str(corpus),
         vocab_size=300,
         seq_len=32,
-        batch_size=8,
+        batch_size=batch_size,
         cache_dir=str(tmp_path / "cache"),
         num_workers=num_workers,
         num_proc=1,
@@ -129,3 +132,22 @@ def test_resume_mid_epoch_repeats_uninterrupted_order(
         assert first.hashes == full.hashes[:consumed] and full.steps_after[consumed - 1] == stop
         resumed, _ = _fit(run, corpus, num_workers, accumulate, ckpt_path=str(run / f"ckpt/step={stop}.ckpt"))
         assert resumed.hashes == full.hashes[consumed:], f"resume after step {stop} diverged"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("after", [4, 12])
+def test_a_resume_with_another_batch_size_goes_on_with_the_next_sample(tmp_path: Path, after: int) -> None:
+    """A real fit with batch 8 stopped after 3 steps, resumed with batch ``after``: the samples trained on,
+    before and after, are the uninterrupted run's sequence of samples, none twice and none skipped."""
+    corpus = _corpus(tmp_path / "c.jsonl")
+    full, dm = _fit(tmp_path / "full", corpus, num_workers=0, accumulate=1)
+    epoch = dm.train_dataloader().sampler.usable  # samples in an epoch on one rank
+    run = tmp_path / "run"
+    first, _ = _fit(run, corpus, num_workers=0, accumulate=1, max_steps=3)
+    steps = (epoch - len(first.samples)) // after  # the rest of the first epoch, in whole batches
+    resumed, _ = _fit(
+        run, corpus, 0, 1, max_steps=3 + steps, ckpt_path=str(run / "ckpt/step=3.ckpt"), batch_size=after
+    )
+    seen = first.samples + resumed.samples
+    assert len(resumed.samples) == steps * after > 0
+    assert seen == full.samples[: len(seen)]

@@ -100,23 +100,20 @@ def one_process(tmp_path_factory, small_corpus):
 
 @needs_deepspeed
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "resume_from"), [(2, "last"), (3, "step=4.ckpt")])
-def test_deepspeed_zero_on_two_cpu_processes_resumes_and_matches_one_process(
-    tmp_path,
-    small_corpus,
-    one_process,
-    stage,
-    resume_from,
+def test_deepspeed_zero3_on_two_cpu_processes_resumes_and_matches_one_process(
+    tmp_path, small_corpus, one_process
 ):
-    """A run stopped at step 4 (mid-epoch) resumes from its ``last`` checkpoint (ZeRO-2) or from its step-4
-    folder (ZeRO-3); the two halves give the one-process curve and weights, and the folder consolidates."""
+    """A ZeRO-3 run stopped at step 4 (mid-epoch) resumes from its step-4 folder; the two halves give the
+    one-process curve and weights, and the folder consolidates. ZeRO-2, the shipped stage, is rehearsed as
+    shipped (resume from ``last``, bitwise) in test_rehearsal.py, and its gradients are checked against one
+    process below."""
     reference_losses, reference_weights = one_process
     config = tiny_run_config(tmp_path, small_corpus)
     ckpt = tmp_path / "ckpt"
     deepspeed = [
         "--trainer.devices=2",
         "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
-        f"--trainer.strategy.stage={stage}",
+        "--trainer.strategy.stage=3",
         f"--data.batch_size={MICRO_BATCH}",
         *quick(),
         *checkpoints_every(ckpt, 4),
@@ -124,8 +121,8 @@ def test_deepspeed_zero_on_two_cpu_processes_resumes_and_matches_one_process(
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     fit_in_subprocess(config, [*deepspeed, *recording_losses(first), *stopping_at(4)], tmp_path)
     assert read_checkpoint(ckpt / "last.ckpt").global_step == 4
-    ckpt_path = "last" if resume_from == "last" else str(ckpt / resume_from)
-    fit_in_subprocess(config, [*deepspeed, *recording_losses(second), f"--ckpt_path={ckpt_path}"], tmp_path)
+    resume = f"--ckpt_path={ckpt / 'step=4.ckpt'}"
+    fit_in_subprocess(config, [*deepspeed, *recording_losses(second), resume], tmp_path)
 
     curve = losses(first) + losses(second)
     assert len(curve) == STEPS and curve[-1] < curve[0] - 0.3, curve
@@ -162,7 +159,7 @@ def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
     one_process,
 ):
     """Two gloo ranks: resuming from a mid-epoch checkpoint ends with the uninterrupted run's exact weights;
-    the uninterrupted run follows the one-process curve."""
+    the uninterrupted run follows the one-process curve and counts the tokens of both ranks."""
     reference_losses, reference_weights = one_process
     config = tiny_run_config(tmp_path, small_corpus)
     ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", f"--data.batch_size={MICRO_BATCH}", *quick()]
@@ -180,6 +177,9 @@ def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
         ],
         tmp_path,
     )
+    rows = csv.DictReader((tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv").open())
+    tokens = [float(row["train/tokens"]) for row in rows if row.get("train/tokens")]
+    assert tokens == [2 * MICRO_BATCH * 64 * step for step in range(1, STEPS + 1)]
     assert losses(resumed / "losses.json") == losses(full / "losses.json")[4:]
     assert_bitwise_equal(final_weights(resumed / "step=8.ckpt"), final_weights(full / "step=8.ckpt"))
     assert losses(full / "losses.json") == pytest.approx(reference_losses, abs=LOSS_TOL)

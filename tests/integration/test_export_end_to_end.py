@@ -70,19 +70,8 @@ def offline_and_unplugged() -> Iterator[list[tuple]]:
         yield attempts
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, in this process and the one it starts: with two per process on a loaded 2-core
-    machine (a worker of `pytest -n 2`), each forward of these tiny models waited ~0.6 s for a descheduled
-    peer thread instead of taking ~0.01 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

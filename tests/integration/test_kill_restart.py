@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ROOT, run_cli, tiny_run_config
+from test_cli import kill_module_when, run_cli, tiny_run_config
 
 SAVE_EVERY_STEP = [
     "--trainer.callbacks+=sa_train.callbacks.LastStepCheckpoint",
@@ -48,27 +45,17 @@ def _assert_tidy(folder: Path) -> int:
 def _kill_during_a_save(args: list[str], folder: Path, cwd: Path) -> None:
     """Start `fit` saving every step, SIGKILL it the moment a checkpoint temp file exists (once last.ckpt
     does, so there is something to resume); fail if no save was caught within 60 s of saving."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sa_train", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's sa_train, whatever is installed
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline, saving_since, mid_save = time.monotonic() + 240, None, False
-    try:
-        while not mid_save and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-            names = os.listdir(folder) if folder.is_dir() else []
-            if "last.ckpt" in names:
-                saving_since = saving_since or time.monotonic()
-                mid_save = any(name.endswith(".tmp") for name in names)
-                deadline = min(deadline, saving_since + 60)
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert mid_save, "no checkpoint write was caught in progress"
+    saving_since: list[float] = []
+
+    def mid_save() -> bool:
+        names = os.listdir(folder) if folder.is_dir() else []
+        if "last.ckpt" not in names:
+            return False
+        saving_since[:] = saving_since or [time.monotonic()]
+        assert time.monotonic() < saving_since[0] + 60, "no checkpoint write was caught in progress"
+        return any(name.endswith(".tmp") for name in names)
+
+    kill_module_when(args, cwd, mid_save, timeout=300, poll=0.002)
 
 
 @pytest.mark.slow

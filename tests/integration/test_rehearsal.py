@@ -28,17 +28,15 @@ from __future__ import annotations
 import csv
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from test_cli import ROOT, run_cli, run_module
+from test_cli import ROOT, kill_module_when, run_cli, run_module
 
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import read_checkpoint
@@ -48,6 +46,11 @@ STEPS = 12  # optimizer steps of a rehearsal
 EVERY = 4  # validation and checkpoint interval: checkpoints at 4, 8, 12
 WARMUP = 3
 KILL_AT = 6  # the kill comes after the step-4 checkpoint and before the step-8 one
+# The smallest shapes that keep every code path: bf16 and fp16 on a CPU without native support are
+# emulated, and a DeepSpeed rehearsal (8 micro-batches a step, 2 ranks, compiled) spent 54 of its 98 s per
+# fit computing at width 64, sequences of 64 and batch 4; at 32, 32 and 2 it spends 13 s.
+WIDTH = 32
+CONTEXT = 32
 MIXED = ("bf16-mixed", "16-mixed")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Metrics every rehearsal must log, finite, in the resumed run's metrics file.
@@ -74,17 +77,17 @@ def rehearsal_config(
     heads = 4
     model["config"].update(
         vocab_size=512,
-        d_model=64,
+        d_model=WIDTH,
         n_layers=min(size.n_layers, 8),
         n_heads=heads,
         n_kv_heads=max(1, heads * (size.n_kv_heads or size.n_heads) // size.n_heads),
-        max_seq_len=64,
+        max_seq_len=CONTEXT,
     )
     if size.ffn_hidden is not None:
-        model["config"]["ffn_hidden"] = round(64 * size.ffn_hidden / size.d_model)
+        model["config"]["ffn_hidden"] = round(WIDTH * size.ffn_hidden / size.d_model)
     model["warmup_steps"] = WARMUP
     data = config["data"]
-    data.update(source=str(corpus), text_field="body", vocab_size=512, seq_len=64, batch_size=4)
+    data.update(source=str(corpus), text_field="body", vocab_size=512, seq_len=CONTEXT, batch_size=2)
     data.update(cache_dir=str(work.parent / "cache"), val_fraction=0.05)
     if "hub_subset" in data:
         data["hub_subset"] = None
@@ -110,36 +113,20 @@ def rehearsal_config(
     return config
 
 
-def fit(config: Path, *args: str) -> None:
-    result = run_module(["fit", "--config", str(config), *args], config.parent, DS_ACCELERATOR="cpu")
-    assert result.returncode == 0, result.stderr[-5000:]
+def fit(config: Path, *args: str, capsys: pytest.CaptureFixture[str] | None = None) -> None:
+    tool(["fit", "--config", str(config), *args], config.parent, capsys)
 
 
 def fit_and_kill(config: Path, at_step: int) -> None:
-    """Start ``fit`` and SIGKILL its whole process group (every rank, every loader worker) once rank 0 has
-    finished optimizer step ``at_step``."""
+    """Start ``fit`` and SIGKILL it once rank 0 has finished optimizer step ``at_step``."""
     marker = config.parent / "step"
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     callback = ["--trainer.callbacks+=distributed_helpers.StepMarker", f"--trainer.callbacks.path={marker}"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(config), *callback],
-        cwd=config.parent,
-        env={**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 400
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if marker.exists() and int(marker.read_text() or 0) >= at_step:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, process.stderr.read().decode()[-5000:]
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
+    args = ["fit", "--config", str(config), *callback]
+
+    def reached() -> bool:
+        return marker.exists() and int(marker.read_text() or 0) >= at_step
+
+    kill_module_when(args, config.parent, reached, timeout=400, DS_ACCELERATOR="cpu")
     assert at_step <= int(marker.read_text()) < STEPS
 
 
@@ -161,8 +148,10 @@ def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 
 def tool(args: list[str], cwd: Path, capsys: pytest.CaptureFixture[str] | None = None) -> str:
-    """A command as a user types it; in this process when ``capsys`` is given (no start-up cost: for the
-    commands that run one process), else as ``python -m sa_train`` offline."""
+    """A command as a user types it; in this process when ``capsys`` is given, else as ``python -m
+    sa_train`` offline. In this process saves the ~12 s of imports a fresh one costs on a 2-core machine
+    (lightning and torchmetrics), which was most of a rehearsal's time; a run with two ranks needs its own
+    process, which Lightning's launcher starts again for the second rank."""
     if capsys is not None:
         code, out, err = run_cli(args, capsys)
         assert code == 0, err[-5000:]
@@ -202,10 +191,12 @@ def test_shipped_config_trains_resumes_bitwise_and_serves(shipped, precision, tm
         configs[run].write_text(yaml.safe_dump(config))
     one_process = config["trainer"].get("devices", 1) == 1
 
-    fit(configs["uninterrupted"])
+    work, in_process = tmp_path / "killed", capsys if one_process else None
+    fit(configs["uninterrupted"], capsys=in_process)
     fit_and_kill(configs["killed"], KILL_AT)
     runs = tmp_path / "killed" / "runs" / name
-    fit(configs["killed"], f"--ckpt_path={runs / 'version_0' / 'checkpoints' / 'last.ckpt'}")
+    last = runs / "version_0" / "checkpoints" / "last.ckpt"
+    fit(configs["killed"], f"--ckpt_path={last}", capsys=in_process)
 
     resumed = newest_run(runs)
     final = resumed / "checkpoints" / "last.ckpt"
@@ -223,7 +214,6 @@ def test_shipped_config_trains_resumes_bitwise_and_serves(shipped, precision, tm
     assert all(uninterrupted[step] == value for step, value in logged["val/loss"]), (uninterrupted, logged)
 
     # The final weights evaluate to the fit's last validation, value for value, in the run's precision.
-    work, in_process = tmp_path / "killed", capsys if one_process else None
     tool(["validate", "--config", str(configs["killed"]), f"--ckpt_path={final}"], work, in_process)
     assert metrics(resumed / "validate")["val/loss"][-1][1] == uninterrupted[max(uninterrupted)]
     if precision is not None:
@@ -238,11 +228,12 @@ def test_shipped_config_trains_resumes_bitwise_and_serves(shipped, precision, tm
         return
     tool(["test", "--config", str(configs["killed"]), f"--ckpt_path={final}"], work, in_process)
     assert math.isfinite(metrics(resumed / "test")["test/loss"][-1][1])
-    tool(["eval", "--model", str(work / "hf"), "--tasks", "shakespeare_milton_ppl", "--limit", "3"], work)
+    evaluation = ["--tasks", "shakespeare_milton_ppl", "--limit", "3"]
+    tool(["eval", "--model", str(work / "hf"), *evaluation], work, capsys)
 
 
 @pytest.mark.slow
-def test_repeated_resumes_of_one_checkpoint_are_bitwise_every_time(tmp_path, small_corpus):
+def test_repeated_resumes_of_one_checkpoint_are_bitwise_every_time(tmp_path, small_corpus, capsys):
     """Issue 19 saw one resume in three end 0.0163 away from the uninterrupted run. Three resumes of one
     step-4 checkpoint, started together in one runs folder as a sweep would start them (the load and the
     shared folder were the suspects), each end bitwise on the uninterrupted run."""
@@ -252,7 +243,7 @@ def test_repeated_resumes_of_one_checkpoint_are_bitwise_every_time(tmp_path, sma
     config["trainer"]["callbacks"][-1]["init_args"].update(save_top_k=-1, filename="{step}")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    fit(path)
+    fit(path, capsys=capsys)
     runs = tmp_path / "runs" / config["trainer"]["logger"]["init_args"]["name"]
     checkpoints = runs / "version_0" / "checkpoints"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}

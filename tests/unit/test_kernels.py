@@ -6,6 +6,7 @@ TRITON_INTERPRET=1 before anything imports it; without the flag these CPU-tensor
 
 import collections
 import os
+import runpy
 import subprocess
 import sys
 from collections.abc import Callable
@@ -127,18 +128,23 @@ def _group_loss(
     return sum((out.float() * w).sum() for out, w in zip(outs, weights, strict=True) if w is not None)
 
 
+# Sizes: each interpreted program instance and tile costs real time, so every case has the fewest rows
+# that still run its loops more than once. T = 130 at these 16-row tiles repeated the multi-tile case
+# (T past 128 matters for the 128-row GPU tiles, run at T = 130 by test_gpu_tiles_in_interpreter and
+# test_every_fallback_tile_shape_is_exact), so it is left out.
 @pytest.mark.parametrize(
     ("b", "h", "hkv", "t", "d", "layers"),
     [
-        (2, 4, 2, 17, 16, 3),
-        (1, 2, 1, 33, 32, 4),
-        (1, 4, 1, 65, 16, 4),
-        (1, 2, 2, 64, 16, 3),
-        (1, 2, 2, 17, 16, 1),
-        (1, 2, 1, 1, 16, 3),
-        (1, 2, 1, 130, 16, 2),
+        (2, 4, 2, 17, 16, 3),  # two batches, GQA
+        (1, 2, 1, 33, 32, 4),  # three 16-row tiles, the last one masked
+        (1, 4, 1, 17, 16, 4),  # four query heads per kv head, three shared layers, two tiles
+        (1, 2, 2, 32, 16, 3),  # T a multiple of the tile: nothing masked, off-diagonal tiles run
+        (1, 2, 2, 17, 16, 1),  # an anchor alone
+        (1, 2, 1, 1, 16, 3),  # a single key
+        # The head sizes the GPU tiles are built for, over two tiles of the interpreter's 16 x 16 (the
+        # tile the GPU lists end with, so test_every_fallback_tile_shape_is_exact leaves it to these).
         (1, 2, 1, 20, 64, 2),
-        (1, 2, 2, 9, 128, 2),
+        (1, 2, 2, 20, 128, 2),
     ],
 )
 def test_group_gradients(b: int, h: int, hkv: int, t: int, d: int, layers: int) -> None:
@@ -204,7 +210,11 @@ def _group_gradients_match_reference(
     return want
 
 
-GPU_TILE_SEQ_LENS = [1, 2, 17, 63, 65, 130]
+# T = 1 (below), one partial tile, and T = 130: two 128-row query tiles, 64-wide key tiles on and off the
+# diagonal, every tile width's masked tail (130 mod 16, 32, 64, 128 = 2) and backward programs past T.
+# T = 2, 63 and 65 ran these same loops and masks (within or across one key-tile boundary, which T = 130
+# crosses too) and are left out: each interpreted GPU-size tile costs seconds.
+GPU_TILE_SEQ_LENS = [1, 17, 130]
 
 
 @pytest.mark.parametrize("t", GPU_TILE_SEQ_LENS)
@@ -303,18 +313,49 @@ def test_forced_tiles_win_over_the_lists_and_stay_exact() -> None:
     with gpu_tiles(), forced_tiles(backward=forced):
         launch("backward", torch.zeros(1, 1, 4, 64), {}, seen.append)
         launch("forward", torch.zeros(1, 1, 4, 64), {}, seen.append)
-        _group_gradients_match_reference(1, 2, 1, 65, 64, 3, torch.float32, ATOL)
+        # T = 33: two 32-key programs, the second all masked tail but one row (a 16-row query tile of
+        # them past T): the forced tiles' every loop and mask at half the interpreted work of T = 65.
+        _group_gradients_match_reference(1, 2, 1, 33, 64, 3, torch.float32, ATOL)
     assert seen == [forced, candidates("forward", 64)[0]]
+
+
+def _distinct_shapes(kernel: str, head_dim: int) -> list[Tiles]:
+    """The first configuration of each (block_m, block_n) in a kernel's list, in list order.
+
+    The interpreter ignores num_warps and num_stages (launch options only a compiled kernel reads), so
+    configurations that differ in those alone run the same code here."""
+    shapes: dict[tuple[int, int], Tiles] = {}
+    for tiles in candidates(kernel, head_dim):
+        shapes.setdefault((tiles.block_m, tiles.block_n), tiles)
+    return list(shapes.values())
 
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_every_fallback_tile_shape_is_exact(d: int) -> None:
-    """Each configuration a GPU may fall back to (fp32, less shared memory) computes the same group
-    forward and backward: its loop bounds and masks run in the interpreter at T = 130 (past one
-    128-row tile, not a multiple of any tile)."""
-    ranks = max(len(candidates(kernel, d)) for kernel in ("forward", "backward", "decode"))
-    for rank in range(1, ranks):
-        with gpu_tiles(rank):
+    """Each tile shape a GPU may fall back to (fp32, less shared memory) computes the same group forward
+    and backward: its loop bounds and masks run in the interpreter at T = 130 (past one 128-row tile,
+    not a multiple of any tile).
+
+    Each kernel falls back on its own (``first_fit`` keys by kernel), so the forward's and the
+    backward's shapes need not come in the list's rank order: they are paired, the shorter list filled
+    out with its rank-0 tiles, to run each shape once. Left out as checked elsewhere: rank 0's shapes
+    (test_gpu_tiles_in_interpreter, at T = 130 too) and the 16 x 16 every list ends with (the
+    interpreter's own tiles, so every other test here; D = 64 and 128 over two tiles in
+    test_group_gradients). The delta kernel has one configuration, run under gpu_tiles()."""
+    rank0 = {kernel: candidates(kernel, d)[0] for kernel in ("forward", "backward")}
+    new = {
+        kernel: [
+            tiles
+            for tiles in _distinct_shapes(kernel, d)
+            if (tiles.block_m, tiles.block_n) not in {(first.block_m, first.block_n), (16, 16)}
+        ]
+        for kernel, first in rank0.items()
+    }
+    assert new["forward"] and new["backward"]
+    forward = new["forward"] + [rank0["forward"]] * (len(new["backward"]) - len(new["forward"]))
+    backward = new["backward"] + [rank0["backward"]] * (len(new["forward"]) - len(new["backward"]))
+    for pair in zip(forward, backward, strict=True):
+        with gpu_tiles(), forced_tiles(forward=pair[0], backward=pair[1]):
             _group_gradients_match_reference(1, 2, 1, 130, d, 3, torch.float32, ATOL)
 
 
@@ -401,11 +442,14 @@ def _compile_case(
         o2 = shared(q, k, lse, links[1], v2)
         return ((out + 2 * o1 + o2.sin()) * w).sum() + lse.cos().sum(), lse
 
-    q, k, v0 = _qkv(1, 4, 2, 19, 16, seed=5)
+    # One partial 16-row tile (T = 5): the tile loops are the eager tests' concern, and what is checked
+    # here, the graphs, does not depend on T; T differs from the other sizes (and from 0 and 1), so
+    # dynamic=True keeps it a symbol of its own.
+    q, k, v0 = _qkv(1, 4, 2, 5, 16, seed=5)
     gen = torch.Generator().manual_seed(6)
     v1, v2 = (torch.randn(v0.shape, generator=gen) for _ in range(2))
     leaves = [x.detach().requires_grad_() for x in (q, k, v0, v1, v2)]
-    return group, leaves, torch.randn(1, 4, 19, 16, generator=gen)
+    return group, leaves, torch.randn(q.shape, generator=gen)
 
 
 def _check_compiled_group(backend: str, dynamic: bool, per_op: bool = False) -> None:
@@ -494,8 +538,9 @@ def test_decode_group_partial(b: int, h: int, hkv: int, t: int, d: int, layers: 
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_decode_at_every_gpu_tile_shape(d: int) -> None:
-    for rank in range(len(candidates("decode", d))):
-        with gpu_tiles(rank):
+    """Each distinct (block_m, block_n) of the decode list once (see _distinct_shapes)."""
+    for tiles in _distinct_shapes("decode", d):
+        with gpu_tiles(), forced_tiles(decode=tiles):
             _decode_matches_reference(1, 8, 2, 130, d, 2)
 
 
@@ -584,23 +629,32 @@ def test_triton_backend_refuses_a_head_size_the_kernels_cannot_tile() -> None:
         SAModel(SAConfig(vocab_size=50, d_model=48, n_layers=2, n_heads=2, attention_backend="triton"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
-def test_kernel_benchmark_without_cuda_says_so_and_measures_nothing() -> None:
-    script = REPO_ROOT / "scripts" / "bench_kernels.py"
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=_subprocess_env(), check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "no CUDA device, nothing measured" in result.stdout
-    assert "TFLOP" not in result.stdout
+def _run_script_without_cuda(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """The script run as ``python scripts/NAME`` runs it, in this process: what is checked is what it
+    does without CUDA, not the process boundary, and a fresh interpreter costs seconds of imports."""
+    script = REPO_ROOT / "scripts" / name
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exited.value.code == 0
+    return capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
-def test_training_benchmark_without_cuda_says_so_and_measures_nothing() -> None:
-    script = REPO_ROOT / "scripts" / "bench_gpu_training.py"
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=_subprocess_env(), check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "no CUDA device, nothing measured" in result.stdout
-    assert "tokens/s" not in result.stdout
+def test_kernel_benchmark_without_cuda_says_so_and_measures_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _run_script_without_cuda("bench_kernels.py", monkeypatch, capsys)
+    assert "no CUDA device, nothing measured" in out
+    assert "TFLOP" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
+def test_training_benchmark_without_cuda_says_so_and_measures_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _run_script_without_cuda("bench_gpu_training.py", monkeypatch, capsys)
+    assert "no CUDA device, nothing measured" in out
+    assert "tokens/s" not in out

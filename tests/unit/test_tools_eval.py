@@ -1,4 +1,5 @@
-"""`python -m sa_train eval` with tasks whose data is on the Hugging Face Hub, without a network."""
+"""`python -m sa_train eval` with tasks whose data is on the Hugging Face Hub, without a network, and with
+tasks no one knows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import datasets.config
 import huggingface_hub
 import lm_eval
+import lm_eval.tasks
 import pytest
 
 from sa_train.cli import main
@@ -17,9 +19,32 @@ SHIPPED = "shakespeare_milton_cloze, shakespeare_milton_ppl"
 
 @pytest.fixture
 def model_folder(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")  # the folder checks, which run first, pass
     (tmp_path / "tokenizer.json").write_text("{}")
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def built_task_managers():
+    """The TaskManagers built in this module, by their arguments."""
+    return {}
+
+
+@pytest.fixture
+def task_index_built_once(built_task_managers, monkeypatch):
+    """lm-eval's TaskManager as ``evaluate`` builds it, but each distinct one built once in this module:
+    indexing lm-eval's own ~15k task files takes ~10 s, and the tests using this differ only in what
+    happens after the index. The first of them builds it for real, inside ``evaluate``; the others get
+    that same object (none of them runs a task, so none changes it)."""
+    real = lm_eval.tasks.TaskManager
+
+    def shared(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in built_task_managers:
+            built_task_managers[key] = real(*args, **kwargs)
+        return built_task_managers[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", shared)
 
 
 class NoNetwork:
@@ -28,7 +53,9 @@ class NoNetwork:
 
 
 @pytest.mark.slow
-def test_a_hub_task_without_a_network_is_named_before_lm_eval_runs(model_folder, monkeypatch, capsys):
+def test_a_hub_task_without_a_network_is_named_before_lm_eval_runs(
+    model_folder, task_index_built_once, monkeypatch, capsys
+):
     """Before: 25 s of retries, then an error that blamed the output folders."""
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_session", NoNetwork)
@@ -43,7 +70,9 @@ def test_a_hub_task_without_a_network_is_named_before_lm_eval_runs(model_folder,
 
 
 @pytest.mark.slow
-def test_a_hub_task_missing_from_the_cache_in_offline_mode_is_named(model_folder, monkeypatch, capsys):
+def test_a_hub_task_missing_from_the_cache_in_offline_mode_is_named(
+    model_folder, task_index_built_once, monkeypatch, capsys
+):
     def offline(**kwargs):
         raise ConnectionError("Couldn't reach 'EleutherAI/lambada_openai' on the Hub (OfflineModeIsEnabled)")
 
@@ -54,6 +83,17 @@ def test_a_hub_task_missing_from_the_cache_in_offline_mode_is_named(model_folder
     assert "lambada_openai (lm-eval's) read their data from the Hugging Face Hub" in err
     assert "neither downloadable nor in the local cache" in err
     assert f"need no network: {SHIPPED}" in err and "output folders" not in err
+
+
+@pytest.mark.slow
+def test_eval_names_an_unknown_task(model_folder, task_index_built_once, monkeypatch, capsys):
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: pytest.fail("ran lm-eval"))
+    tasks = "shakespeare_milton_ppl,lambada_openai,no_such_task"  # sa_train's, lm-eval's, no one's
+    code = main(["eval", "--model", str(model_folder), "--tasks", tasks])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "lm-eval knows no task no_such_task. sa_train ships" in err and "shakespeare_milton_cloze" in err
+    assert "Traceback" not in err
 
 
 def test_the_shipped_tasks_load_without_lm_eval_warnings(model_folder, monkeypatch, caplog):
