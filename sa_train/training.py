@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
@@ -187,6 +188,8 @@ class CausalLM(L.LightningModule):
                 f"{saved.config.groups}); set model.config to the checkpoint's (the groups given to convert)."
             )
         self.model.load_state_dict(saved.state_dict)
+        step = saved.global_step
+        rank_zero_info(f"model initialised from {path} (trained {step} steps); this run starts at step 0")
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)

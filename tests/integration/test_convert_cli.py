@@ -3,6 +3,7 @@ fine-tunes through the CLI."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 
 import pytest
@@ -15,7 +16,7 @@ from sa_train.checkpoint import read_checkpoint
 
 
 @pytest.mark.slow
-def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys):
+def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys, caplog):
     config = tiny_run_config(tmp_path, small_corpus, sa_groups="dense")
     code, _, err = run_cli(["fit", "--config", str(config), "--trainer.max_steps=6"], capsys)
     assert code == 0, err
@@ -32,8 +33,10 @@ def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys):
     code, _, err = run_cli(["validate", "--config", str(config), *sa, f"--ckpt_path={converted}"], capsys)
     assert code == 0, err
     fine_tune = [*sa, f"--model.init_from={converted}", "--trainer.max_steps=2"]
-    code, _, err = run_cli(["fit", "--config", str(config), *fine_tune], capsys)
+    with caplog.at_level(logging.INFO):
+        code, _, err = run_cli(["fit", "--config", str(config), *fine_tune], capsys)
     assert code == 0, err
+    assert f"model initialised from {converted} (trained 6 steps); this run starts at step 0" in caplog.text
     wrong = ["--model.config.sa_groups=dense", f"--model.init_from={converted}", "--trainer.max_steps=1"]
     code, _, err = run_cli(["fit", "--config", str(config), *wrong], capsys)
     assert code == 2 and "model.init_from" in err
