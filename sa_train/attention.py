@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sa_train.config import ATTENTION_BACKENDS
 from sa_train.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -293,9 +294,9 @@ def get_backend(name: str, device_type: str, head_dim: int) -> AttentionBackend:
 
     'auto' picks the Triton kernels on CUDA when they can run this head size, PyTorch otherwise.
     """
-    if name not in ("auto", *BACKENDS):
+    if name not in ATTENTION_BACKENDS:
         raise ConfigError(
-            f"model.config.attention_backend={name!r} is unknown; use one of auto, {', '.join(BACKENDS)}."
+            f"model.config.attention_backend={name!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}."
         )
     if name == "auto":
         name = "triton" if device_type == "cuda" and _kernels_can_run(head_dim) else "torch"

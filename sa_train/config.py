@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -18,6 +18,8 @@ from sa_train.errors import ConfigError
 
 GroupSpec = str | list[list[int]]
 AttentionBackendName = Literal["auto", "torch", "triton", "reference"]
+# The names a config may give; sa_train.attention.BACKENDS implements each but "auto", which it resolves.
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackendName)
 
 SHORTHAND_HELP = (
     "Use 'dense' (every layer its own group), 'every:G' (an anchor every G layers) or "
@@ -186,10 +188,10 @@ class SAConfig:
                     f"model.config.{name} must be a finite number above {minimum:g}, got {value}; a typical "
                     f"value is {typical}."
                 )
-        if self.attention_backend not in ("auto", "torch", "triton", "reference"):
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
-                f"model.config.attention_backend={self.attention_backend!r} is unknown; use auto, torch, "
-                "triton or reference."
+                f"model.config.attention_backend={self.attention_backend!r} is unknown; use one of "
+                f"{', '.join(ATTENTION_BACKENDS)}."
             )
         self.sa_groups = parse_groups(self.sa_groups, self.n_layers)
 

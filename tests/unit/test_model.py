@@ -191,6 +191,15 @@ def test_sequence_longer_than_max_seq_len_is_a_clear_error():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
+def test_every_backend_a_config_may_name_is_implemented_or_resolved():
+    from sa_train.attention import BACKENDS
+    from sa_train.config import ATTENTION_BACKENDS
+
+    assert {"auto", *BACKENDS} == set(ATTENTION_BACKENDS)
+    with pytest.raises(ConfigError, match="use one of auto, torch, triton, reference"):
+        SAConfig(attention_backend="cuda-magic")
+
+
 def test_backend_is_resolved_once_at_build_and_on_moves_not_per_forward(caplog, monkeypatch):
     from sa_train import attention
     from sa_train import model as model_module
