@@ -45,14 +45,15 @@ def _assert_tidy(folder: Path) -> int:
 def _kill_during_a_save(args: list[str], folder: Path, cwd: Path) -> None:
     """Start `fit` saving every step, SIGKILL it the moment a checkpoint temp file exists (once last.ckpt
     does, so there is something to resume); fail if no save was caught within 60 s of saving."""
-    saving_since: list[float] = []
+    saving_since: float | None = None
 
     def mid_save() -> bool:
+        nonlocal saving_since
         names = os.listdir(folder) if folder.is_dir() else []
         if "last.ckpt" not in names:
             return False
-        saving_since[:] = saving_since or [time.monotonic()]
-        assert time.monotonic() < saving_since[0] + 60, "no checkpoint write was caught in progress"
+        saving_since = saving_since or time.monotonic()
+        assert time.monotonic() < saving_since + 60, "no checkpoint write was caught in progress"
         return any(name.endswith(".tmp") for name in names)
 
     kill_module_when(args, cwd, mid_save, timeout=300, poll=0.002)

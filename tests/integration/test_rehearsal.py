@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_cli import ROOT, kill_module_when, run_cli, run_module
+from test_cli import ROOT, kill_module_when, module_env, run_cli, run_module
 
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import read_checkpoint
@@ -246,12 +245,11 @@ def test_repeated_resumes_of_one_checkpoint_are_bitwise_every_time(tmp_path, sma
     fit(path, capsys=capsys)
     runs = tmp_path / "runs" / config["trainer"]["logger"]["init_args"]["name"]
     checkpoints = runs / "version_0" / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     resume = ["fit", "--config", str(path), f"--ckpt_path={checkpoints / 'step=4.ckpt'}"]
     resumes = [
         subprocess.Popen(
             [sys.executable, "-m", "sa_train", *resume],
-            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path, env=module_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for _ in range(3)
     ]  # fmt: skip

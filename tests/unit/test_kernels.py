@@ -643,18 +643,12 @@ def _run_script_without_cuda(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
-def test_kernel_benchmark_without_cuda_says_so_and_measures_nothing(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("script", "figure"), [("bench_kernels.py", "TFLOP"), ("bench_gpu_training.py", "tokens/s")]
+)
+def test_gpu_benchmark_without_cuda_says_so_and_measures_nothing(
+    script: str, figure: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _run_script_without_cuda("bench_kernels.py", monkeypatch, capsys)
+    out = _run_script_without_cuda(script, monkeypatch, capsys)
     assert "no CUDA device, nothing measured" in out
-    assert "TFLOP" not in out
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark really measures")
-def test_training_benchmark_without_cuda_says_so_and_measures_nothing(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = _run_script_without_cuda("bench_gpu_training.py", monkeypatch, capsys)
-    assert "no CUDA device, nothing measured" in out
-    assert "tokens/s" not in out
+    assert figure not in out
