@@ -15,6 +15,7 @@ so head pairs are compared three ways:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ def similarity(maps: dict[int, Tensor]) -> Similarity:
                 cosine[kind][i][j] = cosine[kind][j][i] = values["cosine"][kind]
             head_pairs[f"{layers[i]}-{layers[j]}"] = pair_js.tolist()
     return Similarity(layers, js, cosine, head_pairs)
+
+
+def neighbour_similarity(maps: dict[int, Tensor]) -> list[float]:
+    """Head-matched similarity (1 − JS, bits) of each attention-computing layer with the next one: the
+    neighbours of :func:`similarity`'s ``js["matched"]``, without the other pairs' cost."""
+    layers = sorted(maps)
+    return [_matched(head_pair_similarity(maps[a], maps[b])[0]) for a, b in itertools.pairwise(layers)]
 
 
 def suggest_groups(matrix: list[list[float]], threshold: float) -> list[list[int]]:

@@ -60,7 +60,34 @@ def permute_heads(state: dict[str, Tensor], layer: int, config: SAConfig, kv_ord
         key = f"{prefix}{name}.weight"
         if key in state:
             state[key] = state[key][rows(order)]
-    state[f"{prefix}o_proj.weight"] = state[f"{prefix}o_proj.weight"][:, rows(query_order)]
+    key = f"{prefix}o_proj.weight"
+    if key in state:
+        state[key] = state[key][:, rows(query_order)]
+
+
+def head_orders(maps: dict[int, Tensor], groups: list[list[int]], n_kv_heads: int) -> dict[int, list[int]]:
+    """For each shared layer of ``groups``, the kv-head order that matches its heads to its anchor's
+    (:func:`kv_head_permutation` on the attention ``maps`` of every layer)."""
+    return {
+        layer: kv_head_permutation(maps[group[0]], maps[layer], n_kv_heads)
+        for group in groups
+        for layer in group[1:]
+    }
+
+
+def retrofit_state(
+    state: dict[str, Tensor], config: SAConfig, groups: list[list[int]], orders: dict[int, list[int]]
+) -> dict[str, Tensor]:
+    """A dense model's tensors by parameter name (its weights, or an optimizer buffer of each) as the SA
+    model's: each shared layer's heads permuted by ``orders`` (where given), then its Q and K dropped."""
+    state = dict(state)
+    for group in groups:
+        for layer in group[1:]:
+            if layer in orders:
+                permute_heads(state, layer, config, orders[layer])
+            for name in ("q_proj", "k_proj"):
+                state.pop(f"layers.{layer}.attn.{name}.weight", None)
+    return state
 
 
 def convert_to_sa(
@@ -74,15 +101,16 @@ def convert_to_sa(
             "convert takes a dense model (every group of size one); this one has SA groups already."
         )
     groups = parse_groups(sa_groups, config.n_layers)
-    state = {key: value.clone() for key, value in model.state_dict().items()}
-    for group in groups:
-        for layer in group[1:]:
-            if maps is not None:
-                assert config.n_kv_heads is not None
-                order = kv_head_permutation(maps[group[0]], maps[layer], config.n_kv_heads)
-                permute_heads(state, layer, config, order)
-            for name in ("q_proj", "k_proj"):
-                del state[f"layers.{layer}.attn.{name}.weight"]
-    converted = SAModel(dataclasses.replace(config, sa_groups=groups))
+    assert config.n_kv_heads is not None
+    orders = head_orders(maps, groups, config.n_kv_heads) if maps is not None else {}
+    return build_converted(model, groups, orders)
+
+
+def build_converted(model: SAModel, groups: list[list[int]], orders: dict[int, list[int]]) -> SAModel:
+    """The SA model of ``groups`` holding the dense ``model``'s weights (:func:`retrofit_state`), on its
+    device and in its dtype."""
+    state = retrofit_state(model.state_dict(), model.config, groups, orders)
+    converted = SAModel(dataclasses.replace(model.config, sa_groups=groups))
     converted.load_state_dict(state)
-    return converted.to(next(model.parameters()).device)
+    weight = next(model.parameters())
+    return converted.to(device=weight.device, dtype=weight.dtype)

@@ -126,14 +126,16 @@ def check_sections(config: Namespace, sections: Sequence[str]) -> None:
             )
 
 
-def check_architecture(path: str, wanted: SAConfig) -> SavedModel:
+def check_architecture(path: str, wanted: SAConfig, switching: bool = False) -> SavedModel:
     """``--ckpt_path`` read; fails unless it is a readable sa_train checkpoint of ``wanted``'s weight
-    shapes."""
+    shapes. A run with ``model.sa_switch`` (``switching``) may be past its switch: its groups are the
+    checkpoint's."""
     try:
         saved = read_checkpoint(path)
     except CheckpointError as error:
         raise ConfigError(f"ckpt_path: {error}") from error
-    differ = [name for name in WEIGHT_SHAPE_FIELDS if getattr(saved.config, name) != getattr(wanted, name)]
+    fields = [name for name in WEIGHT_SHAPE_FIELDS if not (switching and name == "sa_groups")]
+    differ = [name for name in fields if getattr(saved.config, name) != getattr(wanted, name)]
     if differ:
         raise ConfigError(
             f"ckpt_path: {path} holds a different architecture than the config: "
@@ -247,8 +249,10 @@ class SACLI(LightningCLI):
             return
         if subcommand == "fit":
             relink_last_checkpoint(Path(ckpt_path))
-        wanted = SAConfig(**self.config[subcommand]["model"]["config"].as_dict())
-        saved = check_architecture(ckpt_path, wanted)
+        model = self.config[subcommand]["model"]
+        saved = check_architecture(
+            ckpt_path, SAConfig(**model["config"].as_dict()), bool(model.get("sa_switch"))
+        )
         if subcommand == "fit" and not saved.resumable:
             raise ConfigError(
                 f"ckpt_path: {ckpt_path} holds model weights only (no optimizer or loop state), as `convert` "
@@ -361,6 +365,8 @@ class SACLI(LightningCLI):
                 f"{torch.cuda.is_available()}). On a CPU-only machine use trainer.strategy=ddp (or auto); "
                 "for DeepSpeed run on a machine with NVIDIA GPUs and trainer.accelerator=gpu."
             )
+        if self.subcommand == "fit":
+            self.model.check_strategy(trainer)
         if isinstance(strategy, DeepSpeedStrategy):
             _check_deepspeed_offload(strategy)
             strategy.precision_plugin = DeepSpeedPrecisionScalingOnce(strategy.precision_plugin.precision)

@@ -1,4 +1,4 @@
-"""The LightningModule: next-token loss, AdamW with warmup + cosine decay, logging.
+"""The LightningModule: next-token loss, AdamW (or Muon) with warmup + cosine decay, logging.
 
 Lightning owns the loop (precision, accumulation, clipping, strategies, checkpoints); this module
 only says what one step computes and how the optimiser is built. The model stays plain torch.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,15 @@ from sa_train.checkpoint import add_model_entries, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.errors import ConfigError, SATrainError
 from sa_train.model import SAModel
+from sa_train.optim import (
+    MUON_LR,
+    build_muon_optimizer,
+    build_optimizer,
+    check_optimizer_fits_strategy,
+    check_optimizer_settings,
+    fused_optimizer_fits,
+)
+from sa_train.sa_switch import SWITCH_KEY, SASwitch, decide, new_sa_model, switch_metrics, switch_model
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -32,62 +42,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(
-    model: torch.nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    fused: bool = True,
-) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only; the fused kernel (CPU and CUDA) is ~15x faster on CPU than the
-    per-parameter loop. ``fused=False`` uses the multi-tensor (foreach) kernel instead."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True
-    )
-
-
-def fused_optimizer_fits(precision: str) -> bool:
-    """Whether the fused AdamW can run under a Trainer ``precision`` with gradient clipping.
-
-    Only ``16-mixed`` scales the loss (a GradScaler): gradients must be unscaled before they are clipped,
-    and a fused optimizer unscales inside its own step, too late, so that precision gets the foreach kernel.
-    ``bf16-mixed`` and ``32-true`` never scale, so the fused kernel and clipping work together there (and
-    :meth:`CausalLM.configure_gradient_clipping` clips itself, as Lightning refuses every fused optimizer).
-    """
-    return precision not in ("16-mixed", "16")
-
-
-def _check_optimizer_settings(
-    lr: float,
-    min_lr_ratio: float,
-    warmup_steps: int,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-) -> None:
-    problems = []
-    if not lr > 0:
-        problems.append(f"model.lr={lr} must be positive (3e-4 is a common start)")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        problems.append(f"model.min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
-    if warmup_steps < 0:
-        problems.append(f"model.warmup_steps={warmup_steps} must be >= 0")
-    if weight_decay < 0:
-        problems.append(f"model.weight_decay={weight_decay} must be >= 0 (0 switches decay off)")
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-        problems.append(f"model.betas={list(betas)} must be two values in [0, 1), e.g. [0.9, 0.95]")
-    if not eps > 0:
-        problems.append(f"model.eps={eps} must be positive (1e-8 is usual)")
-    if problems:
-        raise ConfigError("; ".join(problems) + ".")
 
 
 def check_data_fits_model(config: SAConfig, datamodule: Any) -> None:
@@ -135,6 +89,12 @@ class CausalLM(L.LightningModule):
         nonfinite_loss: What a NaN/inf training loss does: ``stop`` ends the run with an error naming the
             step and the last checkpoint (which is kept), ``skip`` skips that batch's update and counts it
             in ``train/skipped_batches``.
+        optimizer: ``adamw`` for every weight, or ``muon``: torch's Muon for the decoder layers' matrices
+            and AdamW (``lr``, ``betas``, ``eps``) for the embedding, head and norms
+            (:mod:`sa_train.optim`); the schedule drives both.
+        muon_lr: Muon's peak learning rate, its update scaled to AdamW's RMS (:func:`build_muon_optimizer`).
+        sa_switch: Train dense, then convert to SA in place at a step or a measured similarity
+            (:class:`~sa_train.sa_switch.SASwitch`); ``model.config`` must be dense.
     """
 
     def __init__(
@@ -150,12 +110,22 @@ class CausalLM(L.LightningModule):
         activation_checkpointing: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         init_from: str | None = None,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float = MUON_LR,
+        sa_switch: SASwitch | None = None,
     ) -> None:
         super().__init__()
-        _check_optimizer_settings(lr, min_lr_ratio, warmup_steps, weight_decay, betas, eps)
+        check_optimizer_settings(lr, min_lr_ratio, warmup_steps, weight_decay, betas, eps, optimizer, muon_lr)
         if nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite_loss={nonfinite_loss!r} must be 'stop' or 'skip'.")
-        self.save_hyperparameters(ignore=["config"])
+        if sa_switch is not None:
+            sa_switch.check(config)
+        # Checkpoints are read without unpickling objects: the switch is kept there as plain data.
+        self.save_hyperparameters(ignore=["config", "sa_switch"])
+        self.hparams["sa_switch"] = asdict(sa_switch) if sa_switch is not None else None
+        self.sa_switch = sa_switch
+        self.switched_at: int | None = None  # the step the model became SA at (model.sa_switch)
+        self._decided_at: int | None = None
         self.config = config
         self.model = SAModel(config)
         self.model.checkpoint_groups = activation_checkpointing
@@ -168,7 +138,24 @@ class CausalLM(L.LightningModule):
         # No example_input_array: Lightning's summary would run a FLOP-counting forward before training,
         # after which Dynamo silently skips the model for good (compile had no effect through the CLI).
 
+    def check_strategy(self, trainer: L.Trainer) -> None:
+        """What the optimizer and the switch need of the strategy (the CLI checks it before the run folder
+        exists). The switch replaces the model's parameters, which DDP's and DeepSpeed's wrappers took at
+        the start of the run."""
+        check_optimizer_fits_strategy(self.hparams["optimizer"], trainer.strategy)
+        if self.sa_switch is not None and (
+            trainer.world_size > 1 or isinstance(trainer.strategy, DeepSpeedStrategy)
+        ):
+            raise ConfigError(
+                f"model.sa_switch runs in one process, but this run has {trainer.world_size} processes "
+                f"({type(trainer.strategy).__name__}): their DDP or DeepSpeed wrapper holds the dense "
+                "model's parameters from the start of the run. Train with trainer.devices=1, or convert "
+                "between runs (`convert`, then fit --model.init_from) for a multi-process fine-tune."
+            )
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_strategy(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             check_data_fits_model(self.config, datamodule)
@@ -193,6 +180,27 @@ class CausalLM(L.LightningModule):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
+
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``model.sa_switch``: decide once per optimizer step, at its first batch, before its forward; a
+        run resumed at that step decides again, on the same batch and weights, as the first run did."""
+        switch, step = self.sa_switch, self.trainer.global_step
+        if switch is None or self.switched_at is not None or step == self._decided_at or not switch.due(step):
+            return
+        self._decided_at = step
+        groups, maps, metrics = decide(switch, self.model, batch[0][: switch.rows])
+        if groups is not None:
+            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            self.model = switch_model(self.model, groups, maps, optimizer)
+            self.config, self.switched_at = self.model.config, step
+            metrics |= switch_metrics(step, groups)
+            rank_zero_info(
+                f"sa_switch: at step {step} the dense model became SA, groups {groups} ({len(groups)} "
+                f"anchors, KV cache {metrics['sa_switch/kv_vs_dense']:.3f} of dense), heads "
+                f"{'matched' if maps is not None else 'as they were'}."
+            )
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _logits_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         logits = self.model(inputs)
@@ -322,14 +330,12 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = build_optimizer(
-            self.model,
-            hp["lr"],
-            hp["weight_decay"],
-            tuple(hp["betas"]),
-            hp["eps"],
-            fused=fused_optimizer_fits(str(self.trainer.precision)),
-        )
+        settings = (hp["weight_decay"], tuple(hp["betas"]), hp["eps"])
+        fused = fused_optimizer_fits(str(self.trainer.precision))
+        if hp["optimizer"] == "muon":
+            optimizer = build_muon_optimizer(self.model, hp["lr"], hp["muon_lr"], *settings, fused=fused)
+        else:
+            optimizer = build_optimizer(self.model, hp["lr"], *settings, fused=fused)
         schedule = functools.partial(
             warmup_cosine,
             warmup_steps=hp["warmup_steps"],
@@ -340,8 +346,18 @@ class CausalLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The architecture and the tokenizer travel with the weights (:mod:`sa_train.checkpoint`)."""
+        """The architecture and the tokenizer travel with the weights (:mod:`sa_train.checkpoint`), and the
+        step of an SA switch (:mod:`sa_train.sa_switch`)."""
         add_model_entries(checkpoint, self.config, self._tokenizer_json())
+        if self.switched_at is not None:
+            checkpoint[SWITCH_KEY] = {"step": self.switched_at, "groups": self.config.groups}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written after an SA switch holds the SA model: build it before its weights load."""
+        switched = checkpoint.get(SWITCH_KEY)
+        if switched is not None and self.switched_at is None:
+            self.model = new_sa_model(self.model, switched["groups"], {})
+            self.config, self.switched_at = self.model.config, switched["step"]
 
     def _tokenizer_json(self) -> str | None:
         datamodule = getattr(self.trainer, "datamodule", None)

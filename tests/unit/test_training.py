@@ -66,6 +66,8 @@ def test_fused_adamw_except_where_a_grad_scaler_must_unscale_before_clipping():
         ({"weight_decay": -0.1}, "model.weight_decay"),
         ({"eps": 0.0}, "model.eps"),
         ({"nonfinite_loss": "ignore"}, "model.nonfinite_loss"),
+        ({"optimizer": "sgd"}, "model.optimizer"),
+        ({"muon_lr": 0.0}, "model.muon_lr"),
     ],
 )
 def test_out_of_range_optimizer_settings_name_the_field(setting, field):
