@@ -26,7 +26,6 @@ from sa_train.config import SAConfig
 from sa_train.errors import ConfigError, SATrainError
 from sa_train.model import SAModel
 from sa_train.optim import (
-    MUON_LR,
     build_muon_optimizer,
     build_optimizer,
     check_optimizer_fits_strategy,
@@ -92,7 +91,8 @@ class CausalLM(L.LightningModule):
         optimizer: ``adamw`` for every weight, or ``muon``: torch's Muon for the decoder layers' matrices
             and AdamW (``lr``, ``betas``, ``eps``) for the embedding, head and norms
             (:mod:`sa_train.optim`); the schedule drives both.
-        muon_lr: Muon's peak learning rate, its update scaled to AdamW's RMS (:func:`build_muon_optimizer`).
+        muon_lr: Muon's peak learning rate, its update scaled to AdamW's RMS; None takes ``lr``
+            (:func:`~sa_train.optim.build_muon_optimizer`).
         sa_switch: Train dense, then convert to SA in place at a step or a measured similarity
             (:class:`~sa_train.sa_switch.SASwitch`); ``model.config`` must be dense.
     """
@@ -111,7 +111,7 @@ class CausalLM(L.LightningModule):
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         init_from: str | None = None,
         optimizer: Literal["adamw", "muon"] = "adamw",
-        muon_lr: float = MUON_LR,
+        muon_lr: float | None = None,
         sa_switch: SASwitch | None = None,
     ) -> None:
         super().__init__()
@@ -333,7 +333,8 @@ class CausalLM(L.LightningModule):
         settings = (hp["weight_decay"], tuple(hp["betas"]), hp["eps"])
         fused = fused_optimizer_fits(str(self.trainer.precision))
         if hp["optimizer"] == "muon":
-            optimizer = build_muon_optimizer(self.model, hp["lr"], hp["muon_lr"], *settings, fused=fused)
+            muon_lr = hp["muon_lr"] if hp["muon_lr"] is not None else hp["lr"]
+            optimizer = build_muon_optimizer(self.model, hp["lr"], muon_lr, *settings, fused=fused)
         else:
             optimizer = build_optimizer(self.model, hp["lr"], *settings, fused=fused)
         schedule = functools.partial(

@@ -219,14 +219,17 @@ def test_deepspeed_accumulating_batches_has_the_gradients_of_one_process(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_with_gradient_accumulation_from_last_and_mid_epoch_is_bitwise(
     tmp_path,
     small_corpus,
+    optimizer,
 ):
     """Accumulating 2 micro-batches per step: a run stopped after step 4 and resumed with ``--ckpt_path
-    last``, and a run resumed from the uninterrupted run's step-4 checkpoint, end bitwise on its weights."""
+    last``, and a run resumed from the uninterrupted run's step-4 checkpoint, end bitwise on its weights;
+    with AdamW, and with Muon beside AdamW."""
     config = tiny_run_config(tmp_path, small_corpus)
-    accumulate = ["--trainer.accumulate_grad_batches=2", *quick()]
+    accumulate = ["--trainer.accumulate_grad_batches=2", f"--model.optimizer={optimizer}", *quick()]
     full, stopped, resumed = tmp_path / "full", tmp_path / "stopped", tmp_path / "resumed"
 
     def fit(*args: str) -> None:
@@ -279,6 +282,22 @@ def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, 
     assert main(["fit", "--config", str(config), *offload]) == 2
     err = capsys.readouterr().err
     assert "trainer.strategy.init_args.offload_optimizer=true" in err and "Traceback" not in err, err
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_muon_under_deepspeed_is_one_clear_error(tmp_path, small_corpus, capsys, stage):
+    """ZeRO steps the client optimizer on flat shards, which torch's Muon cannot orthogonalise."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    deepspeed = [
+        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
+        f"--trainer.strategy.stage={stage}",
+        "--model.optimizer=muon",
+    ]
+    assert main(["fit", "--config", str(config), *deepspeed]) == 2
+    err = capsys.readouterr().err
+    assert "model.optimizer=muon" in err and "trainer.strategy=ddp" in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
 
 
 def test_unknown_strategy_name_is_one_clear_error(tmp_path, small_corpus, capsys):

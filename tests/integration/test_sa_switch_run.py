@@ -1,0 +1,108 @@
+"""model.sa_switch through ``python -m sa_train fit``: the switch, its metrics, and exact resume across it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import tiny_run_config
+from test_distributed import (
+    assert_bitwise_equal,
+    checkpoints_every,
+    final_weights,
+    losses,
+    quick,
+    recording_losses,
+    stopping_at,
+)
+
+from sa_train import SAModel
+from sa_train.analysis import anchors_for_kv_budget
+from sa_train.cli import main
+
+DENSE = ["--model.config.sa_groups=dense", "--model.optimizer=muon"]
+
+
+def rows(tmp_path: Path, version: int) -> list[dict[str, str]]:
+    return list(csv.DictReader((tmp_path / "runs" / "tiny" / f"version_{version}" / "metrics.csv").open()))
+
+
+def column(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    return {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+
+
+def groups_logged(rows: list[dict[str, str]], n_layers: int) -> list[list[int]]:
+    index = [next(iter(column(rows, f"sa_switch/group/{layer}").values())) for layer in range(n_layers)]
+    return [[layer for layer in range(n_layers) if index[layer] == g] for g in sorted(set(index))]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_across_its_switch_is_bitwise_the_uninterrupted_one(tmp_path, small_corpus):
+    """Dense for 3 steps, then SA groups of 2 with heads matched, Muon and AdamW carried over. A run stopped
+    at step 6 and resumed from ``last`` (SA), and one resumed from step 2 (dense, switching after its
+    resume), end on the uninterrupted run's weights and losses."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    switch = [*DENSE, "--model.sa_switch.at_step=3", "--model.sa_switch.groups=every:2", *quick()]
+    full, stopped, resumed = tmp_path / "full", tmp_path / "stopped", tmp_path / "resumed"
+
+    def fit(*args: str) -> None:
+        assert main(["fit", "--config", str(config), *switch, *args]) == 0
+
+    fit(*checkpoints_every(full, 2), *recording_losses(full / "losses.json"))
+    fit(*checkpoints_every(stopped, 2), *stopping_at(6))
+    fit(*checkpoints_every(stopped, 2), *recording_losses(stopped / "losses.json"), "--ckpt_path=last")
+    fit(
+        *checkpoints_every(resumed, 2),
+        *recording_losses(resumed / "losses.json"),
+        f"--ckpt_path={full / 'step=2.ckpt'}",
+    )
+
+    metrics = rows(tmp_path, 0)
+    assert column(metrics, "sa_switch/step") == {3: 3.0}
+    assert groups_logged(metrics, 4) == [[0, 1], [2, 3]]
+    assert SAModel.from_checkpoint(full / "step=2.ckpt").config.groups == [[0], [1], [2], [3]]
+    assert SAModel.from_checkpoint(full / "step=4.ckpt").config.groups == [[0, 1], [2, 3]]
+    assert not column(rows(tmp_path, 2), "sa_switch/step")  # resumed past the switch: no second one
+    assert column(rows(tmp_path, 3), "sa_switch/step") == {3: 3.0}  # resumed before it: switched again
+    expected = final_weights(full / "step=8.ckpt")
+    assert "model.layers.1.attn.q_proj.weight" not in expected
+    assert_bitwise_equal(final_weights(stopped / "step=8.ckpt"), expected)
+    assert_bitwise_equal(final_weights(resumed / "step=8.ckpt"), expected)
+    assert losses(stopped / "losses.json") == losses(full / "losses.json")[6:]
+    assert losses(resumed / "losses.json") == losses(full / "losses.json")[2:]
+
+
+@pytest.mark.slow
+def test_the_switch_waits_for_the_measured_similarity_and_takes_the_groups_of_the_kv_budget(
+    tmp_path, small_corpus
+):
+    """Measured every 2 steps from step 2: with a threshold no measurement reaches, the run stays dense;
+    with the threshold at a value the first run measured, the second switches at the first measurement
+    that reaches it (the two runs measure the same values until then), into groups within the budget."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    measured = [
+        *DENSE,
+        "--model.sa_switch.at_step=2",
+        "--model.sa_switch.every_n_steps=2",
+        "--model.sa_switch.kv_budget=0.7",
+        *quick(),
+    ]
+    assert main(["fit", "--config", str(config), *measured, "--model.sa_switch.similarity=1.0"]) == 0
+    curve = column(rows(tmp_path, 0), "sa_switch/similarity")
+    assert sorted(curve) == [2, 4, 6]  # at the start of steps 3, 5 and 7
+    assert all(0 < value < 1 for value in curve.values())
+    assert not column(rows(tmp_path, 0), "sa_switch/step")
+    threshold = curve[6]
+    switch_step = min(step for step, value in curve.items() if value >= threshold)
+
+    assert main(["fit", "--config", str(config), *measured, f"--model.sa_switch.similarity={threshold}"]) == 0
+    metrics = rows(tmp_path, 1)
+    assert column(metrics, "sa_switch/step") == {switch_step: float(switch_step)}
+    assert column(metrics, "sa_switch/similarity") == {s: v for s, v in curve.items() if s <= switch_step}
+    groups = groups_logged(metrics, 4)
+    assert len(groups) <= anchors_for_kv_budget(4, 0.7) and len(groups) < 4
+    checkpoint = tmp_path / "runs" / "tiny" / "version_1" / "checkpoints" / "last.ckpt"
+    assert SAModel.from_checkpoint(checkpoint).config.groups == groups
+    assert torch.load(checkpoint, weights_only=True)["sa_switch"] == {"step": switch_step, "groups": groups}
