@@ -158,7 +158,7 @@ def build_muon_optimizer(
     fused: bool = True,
 ) -> MuonWithAdamW:
     """Muon (``muon_lr``, ``weight_decay``) for the hidden matrices of :func:`uses_muon`; AdamW (``lr``,
-    decay on the embedding and head matrices only, as :func:`~sa_train.training.build_optimizer`) for the
+    decay on the embedding and head matrices only, as :func:`build_optimizer`) for the
     rest. Both apply decoupled weight decay as lr·decay per step.
 
     Muon's learning rate is adjusted by torch's ``match_rms_adamw`` rather than its ``original`` (Keller
@@ -167,7 +167,8 @@ def build_muon_optimizer(
     retuning with it; matched to AdamW's RMS, ``muon_lr`` and ``weight_decay`` mean what they mean for
     AdamW at every width. That is also why ``muon_lr`` defaults to AdamW's ``lr`` (Moonshot reused AdamW's
     tuned rate): 80 steps of a 4-layer, d_model 128 model on the shipped corpus at ``lr`` 3e-3 reached a
-    validation loss of 4.59 with AdamW alone and, with Muon at 1e-3 / 3e-3 / 1e-2 / 2e-2, {MUON_SWEEP}.
+    validation loss of 4.59 with AdamW alone and, with Muon at 1e-3 / 3e-3 / 1e-2 / 2e-2, 3.97 / 3.95 / 3.99
+    / 4.08 (one seed each).
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if uses_muon(name, p)]
