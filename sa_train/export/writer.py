@@ -2,7 +2,11 @@
 
 A dense model becomes a plain ``LlamaForCausalLM``; an SA model becomes ``SALlamaForCausalLM``, whose
 configuration and modeling files (``sa_train/export/remote/``) transformers' ``save_pretrained`` copies
-into the folder with an ``auto_map``, so ``trust_remote_code=True`` loads it without sa_train. Weights
+into the folder with an ``auto_map``, so ``trust_remote_code=True`` loads it without sa_train. Its
+``config.json`` names no ``architectures``: ``transformers serve`` (5.25) loads a model whose config names
+one as ``getattr(transformers, name)``, ignoring ``auto_map``, and dies with "module transformers has no
+attribute SALlamaForCausalLM"; without it, it loads through ``AutoModelForCausalLM``, as everything else
+that reads the folder does. Weights
 go through ``save_pretrained`` as safetensors (sharded above ``max_shard_size``), the tokenizer through
 ``PreTrainedTokenizerFast``: nothing is pickled. Everything is written to a hidden folder beside the
 output, which is renamed into place only when complete; what a killed export left there (its pid is dead)
@@ -11,6 +15,7 @@ is removed by the next export into the same parent folder. The folder and files 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -105,6 +110,13 @@ def hf_tokenizer(tokenizer_json: str, max_length: int, source: Path) -> tuple[Pr
     return wrapped, eos_id
 
 
+def _drop_architectures(config_json: Path) -> None:
+    """Remove ``architectures`` from a remote-code config: loaders then find the class by ``auto_map``."""
+    config = json.loads(config_json.read_text(encoding="utf-8"))
+    del config["architectures"]
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished folder to ``out``; a previous ``out`` is moved aside first, removed after."""
     if not out.exists():
@@ -163,6 +175,8 @@ def export_checkpoint(
     staging.mkdir(0o777)
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if not saved.config.is_dense:
+            _drop_architectures(staging / "config.json")
         tokenizer.save_pretrained(staging)
         card = model_card(saved.config, out.name, checkpoint.name, saved.global_step, dtype)
         card.save(staging / "README.md")

@@ -125,6 +125,33 @@ def test_sa_cache_holds_keys_for_anchors_only(tmp_path, tokenizer_json):
         assert torch.equal(hf.generate(prompt, **beams), hf.generate(prompt, **beams, use_cache=False))
 
 
+def test_static_cache_holds_values_only_for_shared_layers_and_compiles_whole(tmp_path, tokenizer_json):
+    """generate with cache_implementation="static" and the forward compiled in one graph (generate compiles
+    it itself on a GPU; aot_eager here, Inductor takes 30 s on this CPU) writes SAModel's greedy text, and the
+    preallocated cache holds L + #anchors vectors per slot, not 2L."""
+    model = tiny_model("sa-dense-then-3-mqa-tied")
+    out = export_checkpoint(write_checkpoint(tmp_path / "m.ckpt", model, tokenizer_json), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    hf.forward = torch.compile(hf.forward, fullgraph=True, backend="aot_eager")
+    prompt = torch.randint(1, TINY["vocab_size"], (1, 5))
+    with torch.no_grad():
+        result = hf.generate(
+            prompt,
+            max_new_tokens=7,
+            do_sample=False,
+            eos_token_id=None,
+            cache_implementation="static",
+            return_dict_in_generate=True,
+        )
+    assert torch.equal(result.sequences, greedy(model, prompt, 7))
+    assert type(result.cache).__name__ == "StaticCache"
+    slots = result.cache.layers[0].max_cache_len
+    assert slots >= prompt.shape[1] + 6  # the last token is never fed back
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in result.cache.layers)
+    vector_bytes = model.config.n_kv_heads * model.config.head_dim * 4
+    assert cached == slots * vector_bytes * kv_cache_vectors_per_token(model.config)  # 6, not 8
+
+
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path, tokenizer_json):
     model = tiny_model("sa-groups-of-2-gqa")
     out = export_checkpoint(write_checkpoint(tmp_path / "m.ckpt", model, tokenizer_json), tmp_path / "hf")
