@@ -36,6 +36,9 @@ MICRO_BATCH = 8
 # BLAS builds and thread counts.
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-4
+# Muon orthogonalises in bf16 (torch's Newton-Schulz), so the last-bit differences of the all-reduced
+# gradient can flip bf16 roundings: measured 1.8e-4 in a weight after 8 steps (losses still within 1e-4).
+MUON_WEIGHT_TOL = 1e-3
 
 
 def checkpoints_every(dirpath: Path, steps: int) -> list[str]:
@@ -186,6 +189,29 @@ def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
     assert_weights_close(read_checkpoint(full / "step=8.ckpt").state_dict, reference_weights, WEIGHT_TOL)
 
 
+@pytest.mark.slow
+def test_ddp_with_muon_matches_one_process(tmp_path, small_corpus):
+    """model.optimizer=muon on two gloo ranks follows one process with the global batch: Muon orthogonalises
+    the all-reduced gradient of each matrix, the same on every rank. (Saving and loading its state is the
+    AdamW path's, resumed bitwise above; Muon's own resume is tested in one process in test_sa_switch_run.)"""
+    config = tiny_run_config(tmp_path, small_corpus)
+    muon = ["--model.optimizer=muon", *quick()]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = [f"--data.batch_size={2 * MICRO_BATCH}", *checkpoints_every(one, STEPS)]
+    assert main(["fit", "--config", str(config), *muon, *single, *recording_losses(one / "losses.json")]) == 0
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", f"--data.batch_size={MICRO_BATCH}"]
+    fit_in_subprocess(
+        config,
+        [*muon, *ddp, *checkpoints_every(two, STEPS), *recording_losses(two / "losses.json")],
+        tmp_path,
+    )
+    curve = losses(two / "losses.json")
+    assert curve == pytest.approx(losses(one / "losses.json"), abs=LOSS_TOL)
+    assert curve[-1] < curve[0] - 0.3, curve
+    expected = read_checkpoint(one / "last.ckpt").state_dict
+    assert_weights_close(read_checkpoint(two / "last.ckpt").state_dict, expected, MUON_WEIGHT_TOL)
+
+
 @needs_deepspeed
 @pytest.mark.slow
 def test_deepspeed_accumulating_batches_has_the_gradients_of_one_process(tmp_path, small_corpus):
@@ -219,17 +245,14 @@ def test_deepspeed_accumulating_batches_has_the_gradients_of_one_process(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_with_gradient_accumulation_from_last_and_mid_epoch_is_bitwise(
     tmp_path,
     small_corpus,
-    optimizer,
 ):
     """Accumulating 2 micro-batches per step: a run stopped after step 4 and resumed with ``--ckpt_path
-    last``, and a run resumed from the uninterrupted run's step-4 checkpoint, end bitwise on its weights;
-    with AdamW, and with Muon beside AdamW."""
+    last``, and a run resumed from the uninterrupted run's step-4 checkpoint, end bitwise on its weights."""
     config = tiny_run_config(tmp_path, small_corpus)
-    accumulate = ["--trainer.accumulate_grad_batches=2", f"--model.optimizer={optimizer}", *quick()]
+    accumulate = ["--trainer.accumulate_grad_batches=2", *quick()]
     full, stopped, resumed = tmp_path / "full", tmp_path / "stopped", tmp_path / "resumed"
 
     def fit(*args: str) -> None:
@@ -285,13 +308,12 @@ def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, 
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [1, 2])
-def test_muon_under_deepspeed_is_one_clear_error(tmp_path, small_corpus, capsys, stage):
-    """ZeRO steps the client optimizer on flat shards, which torch's Muon cannot orthogonalise."""
+def test_muon_under_deepspeed_is_one_clear_error(tmp_path, small_corpus, capsys):
+    """ZeRO (any stage) steps the client optimizer on flat shards, which torch's Muon cannot orthogonalise."""
     config = tiny_run_config(tmp_path, small_corpus)
     deepspeed = [
         "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
-        f"--trainer.strategy.stage={stage}",
+        "--trainer.strategy.stage=1",
         "--model.optimizer=muon",
     ]
     assert main(["fit", "--config", str(config), *deepspeed]) == 2

@@ -15,7 +15,6 @@ from test_distributed import (
     losses,
     quick,
     recording_losses,
-    stopping_at,
 )
 
 from sa_train import SAModel
@@ -40,22 +39,25 @@ def groups_logged(rows: list[dict[str, str]], n_layers: int) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_a_run_resumed_across_its_switch_is_bitwise_the_uninterrupted_one(tmp_path, small_corpus):
-    """Dense for 3 steps, then SA groups of 2 with heads matched, Muon and AdamW carried over. A run stopped
-    at step 6 and resumed from ``last`` (SA), and one resumed from step 2 (dense, switching after its
-    resume), end on the uninterrupted run's weights and losses."""
+    """Dense for 3 steps, then SA groups of 2 with heads matched, Muon and AdamW carried over. Runs resumed
+    from the step-6 checkpoint (SA) and from the step-2 one (dense: it switches after its resume) end on the
+    uninterrupted run's weights and losses."""
     config = tiny_run_config(tmp_path, small_corpus)
     switch = [*DENSE, "--model.sa_switch.at_step=3", "--model.sa_switch.groups=every:2", *quick()]
-    full, stopped, resumed = tmp_path / "full", tmp_path / "stopped", tmp_path / "resumed"
+    full, after, before = tmp_path / "full", tmp_path / "after", tmp_path / "before"
 
     def fit(*args: str) -> None:
         assert main(["fit", "--config", str(config), *switch, *args]) == 0
 
     fit(*checkpoints_every(full, 2), *recording_losses(full / "losses.json"))
-    fit(*checkpoints_every(stopped, 2), *stopping_at(6))
-    fit(*checkpoints_every(stopped, 2), *recording_losses(stopped / "losses.json"), "--ckpt_path=last")
     fit(
-        *checkpoints_every(resumed, 2),
-        *recording_losses(resumed / "losses.json"),
+        *checkpoints_every(after, 2),
+        *recording_losses(after / "losses.json"),
+        f"--ckpt_path={full / 'step=6.ckpt'}",
+    )
+    fit(
+        *checkpoints_every(before, 2),
+        *recording_losses(before / "losses.json"),
         f"--ckpt_path={full / 'step=2.ckpt'}",
     )
 
@@ -64,14 +66,14 @@ def test_a_run_resumed_across_its_switch_is_bitwise_the_uninterrupted_one(tmp_pa
     assert groups_logged(metrics, 4) == [[0, 1], [2, 3]]
     assert SAModel.from_checkpoint(full / "step=2.ckpt").config.groups == [[0], [1], [2], [3]]
     assert SAModel.from_checkpoint(full / "step=4.ckpt").config.groups == [[0, 1], [2, 3]]
-    assert not column(rows(tmp_path, 2), "sa_switch/step")  # resumed past the switch: no second one
-    assert column(rows(tmp_path, 3), "sa_switch/step") == {3: 3.0}  # resumed before it: switched again
+    assert not column(rows(tmp_path, 1), "sa_switch/step")  # resumed past the switch: no second one
+    assert column(rows(tmp_path, 2), "sa_switch/step") == {3: 3.0}  # resumed before it: switched again
     expected = final_weights(full / "step=8.ckpt")
     assert "model.layers.1.attn.q_proj.weight" not in expected
-    assert_bitwise_equal(final_weights(stopped / "step=8.ckpt"), expected)
-    assert_bitwise_equal(final_weights(resumed / "step=8.ckpt"), expected)
-    assert losses(stopped / "losses.json") == losses(full / "losses.json")[6:]
-    assert losses(resumed / "losses.json") == losses(full / "losses.json")[2:]
+    assert_bitwise_equal(final_weights(after / "step=8.ckpt"), expected)
+    assert_bitwise_equal(final_weights(before / "step=8.ckpt"), expected)
+    assert losses(after / "losses.json") == losses(full / "losses.json")[6:]
+    assert losses(before / "losses.json") == losses(full / "losses.json")[2:]
 
 
 @pytest.mark.slow

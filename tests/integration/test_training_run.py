@@ -21,11 +21,13 @@ def metrics(tmp_path, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_bf16_mixed_fit_with_clipping_trains(tmp_path, small_corpus, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bf16_mixed_fit_with_clipping_trains(tmp_path, small_corpus, capsys, optimizer):
     """The shipped 350M settings (bf16-mixed, clipping at 1.0, fused AdamW) on CPU: the first optimizer step
-    used to raise "AdamW does not allow for gradient clipping"."""
+    used to raise "AdamW does not allow for gradient clipping". Muon (beside the fused AdamW) alike."""
     config = tiny_run_config(tmp_path, small_corpus)
     args = ["--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0", "--trainer.max_steps=12"]
+    args.append(f"--model.optimizer={optimizer}")
     code, _, err = run_cli(["fit", "--config", str(config), *args], capsys)
     assert code == 0, err
     losses, norms = metrics(tmp_path, "train/loss"), metrics(tmp_path, "train/grad_norm")
