@@ -71,7 +71,8 @@ def test_two_processes_building_the_same_cache_at_once(tmp_path: Path) -> None:
     while not all(Path(f"{go}.ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
         time.sleep(0.01)
     go.touch()
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    outputs = [p.communicate(timeout=300) for p in procs]  # reads while waiting: no pipe fills up
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
     for code, _, err in results:
         assert code == 0, err[-3000:]

@@ -8,9 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -90,31 +93,49 @@ def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
     )
 
 
+def run_modules_together(argvs: list[list[str]], cwd: Path, timeout: float = 600) -> None:
+    """Start ``python -m sa_train ARGS`` for every ARGS at once (as a sweep starts runs) and require each to
+    exit with status 0; a failure shows that process's output."""
+    with ExitStack() as files:
+        logs = [files.enter_context(tempfile.TemporaryFile()) for _ in argvs]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "sa_train", *args], cwd=cwd, env=module_env(), stdout=log, stderr=log
+            )
+            for args, log in zip(argvs, logs, strict=True)
+        ]
+        for process, log in zip(processes, logs, strict=True):
+            assert process.wait(timeout=timeout) == 0, read_log(log)
+
+
 def kill_when(
     command: list[str], cwd: Path, stop: Callable[[], bool], timeout: float, poll: float = 0.05, **env: str
 ) -> None:
     """Start ``command`` (with :func:`module_env`) and SIGKILL its whole process group (every rank and
     loader worker, as a scheduler kills a job) as soon as ``stop()`` is true, checked every ``poll``
     seconds. Fails if the process ends first or ``stop()`` is still false after ``timeout`` seconds."""
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=module_env(**env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline, stopped = time.monotonic() + timeout, False
-    try:
-        while not stopped and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(poll)
-            stopped = stop()
-        assert process.poll() is None, process.stderr.read().decode()[-5000:]
-        assert stopped, f"{command} was killed after {timeout} s without reaching the point to kill it at"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=module_env(**env), stdout=log, stderr=log, start_new_session=True
+        )
+        deadline, stopped = time.monotonic() + timeout, False
+        try:
+            while not stopped and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(poll)
+                stopped = stop()
+            assert process.poll() is None, read_log(log)
+            assert stopped, f"{command} not at its kill point after {timeout} s:\n{read_log(log)}"
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def read_log(log: IO[bytes]) -> str:
+    """The end of a process's output that went to the file ``log``. Tests send a child's output to a file,
+    never to a pipe they read only at the end: a pipe holds 64 KiB, and a 2-rank run that wrote more (its
+    warnings, its progress bar) blocked in write(), so it never reached the step a test waited for."""
+    log.seek(0)
+    return log.read().decode(errors="replace")[-5000:]
 
 
 def kill_module_when(

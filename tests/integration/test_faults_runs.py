@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import ROOT, run_cli, tiny_run_config
+from test_cli import ROOT, run_cli, run_modules_together, tiny_run_config
 
 from sa_train.checkpoint import FOREIGN_STALE_SECONDS, atomic_torch_save, writer_path
 from sa_train.errors import DiskFullError
@@ -49,18 +49,6 @@ def test_claims_racing_in_threads_and_processes_never_share_a_version(tmp_path: 
     assert sorted(int(p.name.split("_")[1]) for p in tmp_path.iterdir()) == list(range(300))
 
 
-def _popen_fit(config: Path, cwd: Path) -> subprocess.Popen:
-    path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "sa_train", "fit", "--config", str(config)],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": path},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_two_fits_started_together_get_their_own_run_folders(tmp_path: Path, small_corpus: Path) -> None:
     configs = []
@@ -75,9 +63,7 @@ def test_two_fits_started_together_get_their_own_run_folders(tmp_path: Path, sma
     # The shard cache is built once first: the race under test is the run folder's, not the cache's.
     code = run_module_prepare(configs[0], tmp_path)
     assert code == 0
-    runs = [_popen_fit(config, tmp_path) for config in configs]
-    results = [run.communicate(timeout=600) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
+    run_modules_together([["fit", "--config", str(config)] for config in configs], tmp_path)
 
     folders = sorted((tmp_path / "runs" / "tiny").iterdir())
     assert [f.name for f in folders] == ["version_0", "version_1"]

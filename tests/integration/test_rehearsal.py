@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from test_cli import ROOT, kill_module_when, module_env, run_cli, run_module
+from test_cli import ROOT, kill_module_when, run_cli, run_module, run_modules_together
 
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import read_checkpoint
@@ -246,16 +244,7 @@ def test_repeated_resumes_of_one_checkpoint_are_bitwise_every_time(tmp_path, sma
     runs = tmp_path / "runs" / config["trainer"]["logger"]["init_args"]["name"]
     checkpoints = runs / "version_0" / "checkpoints"
     resume = ["fit", "--config", str(path), f"--ckpt_path={checkpoints / 'step=4.ckpt'}"]
-    resumes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sa_train", *resume],
-            cwd=tmp_path, env=module_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        for _ in range(3)
-    ]  # fmt: skip
-    for process in resumes:
-        assert process.wait(timeout=600) == 0, process.stderr.read()[-5000:]
-        process.stderr.close()
+    run_modules_together([resume] * 3, tmp_path)
     want = read_checkpoint(checkpoints / "last.ckpt").state_dict
     finals = sorted(runs.glob("version_*/checkpoints/last.ckpt"))
     assert len(finals) == 4
