@@ -59,7 +59,7 @@ class SASwitch:
             text the model has not yet seen, and the same text in a resumed run.
     """
 
-    at_step: int
+    at_step: int | None = None
     similarity: float | None = None
     every_n_steps: int = 50
     groups: GroupSpec | None = None
@@ -67,9 +67,14 @@ class SASwitch:
     head_matching: bool = True
     rows: int = 2
 
-    def __post_init__(self) -> None:
+    def check(self, config: SAConfig) -> None:
+        """Every setting in range, the model to switch dense, and fixed groups that fit it and share
+        attention. (Checked by the model, not at construction: the CLI's parser would bury a refusal raised
+        while it builds this object in a traceback of its own.)"""
         problems = []
-        if isinstance(self.at_step, bool) or not isinstance(self.at_step, int) or self.at_step < 0:
+        if self.at_step is None:
+            problems.append("model.sa_switch.at_step is required: the optimizer steps to train dense first")
+        elif isinstance(self.at_step, bool) or not isinstance(self.at_step, int) or self.at_step < 0:
             problems.append(f"model.sa_switch.at_step={self.at_step} must be a step >= 0")
         if self.similarity is not None and not 0.0 < self.similarity <= 1.0:
             problems.append(f"model.sa_switch.similarity={self.similarity} must lie in (0, 1], e.g. 0.6")
@@ -88,9 +93,6 @@ class SASwitch:
             problems.append(f"model.sa_switch.rows={self.rows} must be >= 1")
         if problems:
             raise ConfigError("; ".join(problems) + ".")
-
-    def check(self, config: SAConfig) -> None:
-        """The model to switch must be dense, and fixed groups must fit it and share attention."""
         if not config.is_dense:
             raise ConfigError(
                 f"model.sa_switch converts a dense model, but model.config.sa_groups is {config.groups}; set "
@@ -111,6 +113,7 @@ class SASwitch:
 
     def due(self, step: int) -> bool:
         """Whether the start of the step after ``step`` steps decides (a switch or a measurement)."""
+        assert self.at_step is not None
         if step < self.at_step:
             return False
         return self.similarity is None or (step - self.at_step) % self.every_n_steps == 0

@@ -408,6 +408,30 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
     ),
     ("seed", lambda d, c: ["fit", f"--config={c}", "--seed_everything=abc"], "seed_everything=abc"),
     (
+        "sa_switch-out-of-range",
+        lambda d, c: [
+            "fit",
+            f"--config={c}",
+            "--model.config.sa_groups=dense",
+            "--model.sa_switch.at_step=2",
+            "--model.sa_switch.kv_budget=1.5",
+        ],
+        "model.sa_switch.kv_budget=1.5 must lie in (0, 1)",
+    ),
+    (
+        "sa_switch-two-processes",
+        lambda d, c: [
+            "fit",
+            f"--config={c}",
+            "--model.config.sa_groups=dense",
+            "--model.sa_switch.at_step=2",
+            "--model.sa_switch.groups=every:2",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+        ],
+        "model.sa_switch runs in one process",
+    ),
+    (
         "callback-argument",
         lambda d, c: [
             "fit",

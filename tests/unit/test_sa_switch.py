@@ -101,6 +101,7 @@ def test_the_switch_converts_as_convert_does():
 @pytest.mark.parametrize(
     ("settings", "field"),
     [
+        ({"groups": "every:2"}, "model.sa_switch.at_step is required"),
         ({"at_step": -1, "groups": "every:2"}, "model.sa_switch.at_step"),
         ({"at_step": 2, "groups": "every:2", "similarity": 1.5}, "model.sa_switch.similarity"),
         ({"at_step": 2, "groups": "every:2", "every_n_steps": 0}, "model.sa_switch.every_n_steps"),
@@ -112,7 +113,7 @@ def test_the_switch_converts_as_convert_does():
 )
 def test_bad_switch_settings_name_the_field(settings, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        SASwitch(**settings)
+        CausalLM(CONFIG, sa_switch=SASwitch(**settings))
 
 
 @pytest.mark.parametrize(
