@@ -36,6 +36,8 @@ from sa_train.errors import ConfigError
 from sa_train.model import SAModel
 
 SWITCH_KEY = "sa_switch"  # checkpoint entry of a run that has switched: {"step": k, "groups": [...]}
+# Tokens per measured row: attention maps grow with its square (convert matches heads on 256 tokens too).
+MEASURE_LEN = 256
 
 
 @dataclass
@@ -55,8 +57,8 @@ class SASwitch:
             cache of at most this fraction of the dense one (``analyze --kv-budget``).
         head_matching: Reorder each shared layer's heads to attend most like its anchor's before its Q and K
             are dropped (``convert``'s default).
-        rows: Rows of the batch about to be trained on that the similarity and the head matching measure:
-            text the model has not yet seen, and the same text in a resumed run.
+        rows: Rows of the batch about to be trained on (their first 256 tokens) that the similarity and the
+            head matching measure: text the model has not yet seen, and the same text in a resumed run.
     """
 
     at_step: int | None = None
@@ -208,10 +210,12 @@ def carry_optimizer(
 
 
 def decide(
-    switch: SASwitch, model: SAModel, rows: Tensor
+    switch: SASwitch, model: SAModel, inputs: Tensor
 ) -> tuple[list[list[int]] | None, dict[int, Tensor] | None, dict[str, float]]:
-    """At a step where :meth:`SASwitch.due`: the groups to switch to (None: not yet), the attention maps
-    measured for them (None without head matching), and the metrics of the measurement."""
+    """At a step where :meth:`SASwitch.due`, on the batch's ``inputs``: the groups to switch to (None: not
+    yet), the attention maps measured for them (None without head matching), and the measurement's
+    metrics."""
+    rows = inputs[: switch.rows, :MEASURE_LEN]
     maps = None
     metrics: dict[str, float] = {}
     if switch.similarity is not None:

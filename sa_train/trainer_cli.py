@@ -35,6 +35,7 @@ from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule
 from sa_train.errors import CheckpointError, ConfigError
+from sa_train.sa_switch import SWITCH_KEY
 from sa_train.tools import suggestions
 from sa_train.training import CausalLM, check_data_fits_model
 
@@ -128,13 +129,16 @@ def check_sections(config: Namespace, sections: Sequence[str]) -> None:
 
 def check_architecture(path: str, wanted: SAConfig, switching: bool = False) -> SavedModel:
     """``--ckpt_path`` read; fails unless it is a readable sa_train checkpoint of ``wanted``'s weight
-    shapes. A run with ``model.sa_switch`` (``switching``) may be past its switch: its groups are the
-    checkpoint's."""
+    shapes. A run with ``model.sa_switch`` (``switching``) may be past its switch: then the groups are
+    those the checkpoint records it switched to."""
     try:
         saved = read_checkpoint(path)
     except CheckpointError as error:
         raise ConfigError(f"ckpt_path: {error}") from error
-    fields = [name for name in WEIGHT_SHAPE_FIELDS if not (switching and name == "sa_groups")]
+    switched = (
+        switching and Path(path).is_file() and SWITCH_KEY in torch.load(path, weights_only=True, mmap=True)
+    )
+    fields = [name for name in WEIGHT_SHAPE_FIELDS if not (switched and name == "sa_groups")]
     differ = [name for name in fields if getattr(saved.config, name) != getattr(wanted, name)]
     if differ:
         raise ConfigError(

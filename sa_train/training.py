@@ -188,7 +188,7 @@ class CausalLM(L.LightningModule):
         if switch is None or self.switched_at is not None or step == self._decided_at or not switch.due(step):
             return
         self._decided_at = step
-        groups, maps, metrics = decide(switch, self.model, batch[0][: switch.rows])
+        groups, maps, metrics = decide(switch, self.model, batch[0])
         if groups is not None:
             optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
             self.model = switch_model(self.model, groups, maps, optimizer)

@@ -51,6 +51,13 @@ def checkpoint_of_other_groups(folder: Path) -> Path:
     return path
 
 
+def sa_checkpoint(folder: Path) -> Path:
+    """Groups every:2, and no record of a dense run switching to them (model.sa_switch)."""
+    path = folder / "sa.ckpt"
+    torch.save(_checkpoint(TINY), path)
+    return path
+
+
 def plain_state_dict(folder: Path) -> Path:
     path = folder / "weights.pt"
     torch.save(SAModel(TINY).state_dict(), path)
@@ -430,6 +437,18 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
             "--trainer.strategy=ddp",
         ],
         "model.sa_switch runs in one process",
+    ),
+    (
+        "sa_switch-resumes-only-its-own-switch",
+        lambda d, c: [
+            "fit",
+            f"--config={c}",
+            "--model.config.sa_groups=dense",
+            "--model.sa_switch.at_step=2",
+            "--model.sa_switch.groups=every:2",
+            f"--ckpt_path={sa_checkpoint(d)}",
+        ],
+        "model.config.sa_groups is [[0, 1], [2, 3]] there, [[0], [1], [2], [3]] here",
     ),
     (
         "callback-argument",
