@@ -1,23 +1,14 @@
 """An SA export served by the real ``transformers serve`` (OpenAI API), plain and with continuous batching.
 
-Both servers run for the whole module, started together (each spends ~15 s importing on a core of its
-own), on 127.0.0.1, offline; their process groups are killed at the end. Their answers to concurrent
-requests are compared with ``SAModel.generate`` (what ``sa_train generate`` runs) on the token ids of the
-export's own tokenizer, which is what the server tokenizes with.
+Both servers run for the whole module, started together by :func:`sa_train.export.serving.served`. Their
+answers to concurrent requests are compared with ``SAModel.generate`` (what ``sa_train generate`` runs) on
+the token ids of the export's own tokenizer, which is what the server tokenizes with.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +20,7 @@ import transformers
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
 from sa_train.data.tokenizer import train_bpe
+from sa_train.export.serving import CONTINUOUS_BATCHING, post, served
 from sa_train.export.writer import export_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,35 +30,12 @@ PROMPTS = [
     "Friends",
     "Once more unto the breach",
 ]
+# The untrained model's answers hold byte tokens that are not whole UTF-8 characters, shown as U+FFFD. A
+# stream leaves out those at its very end, so the streamed prompt is the first whose answer does not end so.
+STREAMED = [*PROMPTS, "The king", "All the world's a stage", "O, for a Muse of fire", "Good night"]
 NEW_TOKENS = 8
 VOCAB = 1024
-# Continuous batching sizes its paged cache from the free memory unless told: 14 GB on this machine.
-MODES = {"plain": [], "continuous-batching": ["--continuous-batching", "--cb-num-blocks", "16"]}
-READY_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def post(url: str, body: dict) -> bytes:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.read()
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, log: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"transformers serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.5)
-    pytest.fail(f"transformers serve was not ready in {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+MODES = {"plain": (), "continuous-batching": CONTINUOUS_BATCHING}
 
 
 @pytest.fixture(scope="module")
@@ -98,30 +67,12 @@ def export(tmp_path_factory) -> tuple[Path, SAModel]:
 
 @pytest.fixture(scope="module")
 def servers(export, tmp_path_factory):
-    """Base URL of each mode's server, both started before either is waited for."""
+    """Base URL of each mode's server."""
     out, _ = export
-    logs = tmp_path_factory.mktemp("logs")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    started = {}
-    try:
-        for mode, flags in MODES.items():
-            port = free_port()
-            log = logs / f"{mode}.log"
-            command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(out), *flags]
-            command += ["--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)]
-            with log.open("w") as sink:
-                process = subprocess.Popen(
-                    command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            started[mode] = (f"http://127.0.0.1:{port}", process, log)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for url, process, log in started.values():
-            wait_until_ready(url, process, log, deadline)
-        yield {mode: url for mode, (url, _, _) in started.items()}
-    finally:
-        for _, process, _ in started.values():
-            os.killpg(process.pid, signal.SIGKILL)  # the server and the model process it spawned
-            process.wait()
+    with served(
+        {mode: (out, flags) for mode, flags in MODES.items()}, tmp_path_factory.mktemp("logs")
+    ) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +81,7 @@ def expected(export) -> dict[str, tuple[str, int]]:
     out, model = export
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     answers = {}
-    for prompt in PROMPTS:
+    for prompt in STREAMED:
         new = model.generate([tokenizer(prompt).input_ids], NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)[
             0
         ]
@@ -157,10 +108,7 @@ def test_concurrent_completions_are_samodel_greedy_text(mode, servers, export, e
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_completion_is_samodel_greedy_text(mode, servers, export, expected):
     out, _ = export
-    prompt = PROMPTS[3]
-    # The untrained model's answers are mostly text at this vocabulary size, not all: a stream leaves out
-    # the bytes of an unfinished UTF-8 character at its end, where a whole answer shows U+FFFD.
-    assert "\ufffd" not in expected[prompt][0]
+    prompt = next(prompt for prompt in STREAMED if not expected[prompt][0].endswith("\ufffd"))
     body = {"model": str(out), "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
     body["stream_options"] = {"include_usage": True}
     events = post(f"{servers[mode]}/v1/completions", body).decode().split("\n\n")
