@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 from sa_train.config import SAConfig
-from sa_train.errors import CheckpointError, DiskFullError, SATrainError
+from sa_train.errors import CheckpointError, DataError, DiskFullError, SATrainError
 
 CONFIG_KEY = "sa_config"
 TOKENIZER_KEY = "tokenizer"
@@ -60,6 +60,37 @@ class ModelCheckpoint:
     tokenizer_json: str | None
     global_step: int | None
     resumable: bool = False  # holds the loop state fit resumes from (convert and HF folders: weights only)
+
+    def tokenizer(self, purpose: str) -> Tokenizer:
+        """The run's tokenizer this checkpoint carries; CheckpointError naming ``purpose`` (what the caller
+        needs it for) when it carries none or it does not parse."""
+        from tokenizers import Tokenizer
+
+        if self.tokenizer_json is None:
+            raise CheckpointError(
+                f"{self.path} holds no tokenizer, and one is needed to {purpose}. It was written without a "
+                "data module (or by an older sa_train); use a checkpoint of a `python -m sa_train fit` run, "
+                "which stores the run's tokenizer.json in every checkpoint."
+            )
+        try:
+            return Tokenizer.from_str(self.tokenizer_json)
+        except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+            raise CheckpointError(
+                f"{self.path}: the tokenizer it carries does not parse ({_first_line(error)}). The file was "
+                "edited or damaged; use another checkpoint of the run (each one stores the run's tokenizer)."
+            ) from error
+
+    def eos_token_id(self, tokenizer: Tokenizer) -> int:
+        """The id of ``tokenizer``'s end-of-text token, which separated the documents in training."""
+        from sa_train.data.tokenizer import eos_token_id
+
+        try:
+            return eos_token_id(tokenizer, str(self.path))
+        except DataError as error:
+            raise CheckpointError(
+                f"{self.path}: the tokenizer it carries has no end-of-text token, which starts every prompt "
+                f"and ends every generation ({error})."
+            ) from error
 
 
 def read_checkpoint(
@@ -103,19 +134,6 @@ def read_checkpoint(
         global_step=checkpoint.get("global_step"),
         resumable="loops" in checkpoint,
     )
-
-
-def parse_tokenizer(tokenizer_json: str, source: Path) -> Tokenizer:
-    """The tokenizer a checkpoint at ``source`` carries; CheckpointError if it does not parse."""
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_str(tokenizer_json)
-    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
-        raise CheckpointError(
-            f"{source}: the tokenizer it carries does not parse ({_first_line(error)}). The file was edited "
-            "or damaged; use another checkpoint of the run (each one stores the run's tokenizer.json)."
-        ) from error
 
 
 def _load(path: Path, map_location: str | torch.device) -> Any:

@@ -31,17 +31,16 @@ from transformers import (
 )
 
 from sa_train.checkpoint import (
+    ModelCheckpoint,
     disk_full_error,
     is_disk_full,
-    parse_tokenizer,
     read_checkpoint,
     remove_stale_temp_files,
     tensor_bytes,
     writer_path,
 )
 from sa_train.config import SAConfig
-from sa_train.data.tokenizer import eos_token_id
-from sa_train.errors import CheckpointError, ConfigError, DataError
+from sa_train.errors import CheckpointError, ConfigError
 from sa_train.export.card import model_card
 from sa_train.export.hf_names import hf_config_fields, to_hf_state_dict
 from sa_train.export.remote.configuration_sa_llama import SALlamaConfig
@@ -93,19 +92,23 @@ def hf_model(
     return model.eval()
 
 
-def hf_tokenizer(tokenizer_json: str, max_length: int, source: Path) -> tuple[PreTrainedTokenizerFast, int]:
-    """The run's tokenizer with its end-of-text token as bos, eos and pad; and that token's id."""
-    tokenizer = parse_tokenizer(tokenizer_json, source)
-    try:
-        eos_id = eos_token_id(tokenizer, str(source))
-    except DataError as error:
-        raise CheckpointError(
-            f"{source}: the tokenizer it holds has no end-of-text token, which an export needs as its bos, "
-            f"eos and pad token ({error})."
-        ) from error
+def hf_tokenizer(saved: ModelCheckpoint) -> tuple[PreTrainedTokenizerFast, int]:
+    """The run's tokenizer with its end-of-text token as bos, eos and pad; and that token's id.
+
+    It adds the bos token in front of every text it encodes, so ``tokenizer(prompt)`` gives the ids
+    :meth:`sa_train.text.TextModel.encode` gives, and transformers' ``generate`` continues a prompt as
+    ``sa_train generate`` does (the prompt convention of :mod:`sa_train.text`).
+    """
+    tokenizer = saved.tokenizer("export it with the model")
+    eos_id = saved.eos_token_id(tokenizer)
     eos = tokenizer.id_to_token(eos_id)
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=eos, eos_token=eos, pad_token=eos, model_max_length=max_length
+        tokenizer_object=tokenizer,
+        bos_token=eos,
+        eos_token=eos,
+        pad_token=eos,
+        add_bos_token=True,
+        model_max_length=saved.config.max_seq_len,
     )
     return wrapped, eos_id
 
@@ -162,12 +165,7 @@ def export_checkpoint(
         raise ConfigError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     check_output_folder(out, checkpoint, overwrite)
     saved = read_checkpoint(checkpoint)
-    if saved.tokenizer_json is None:
-        raise CheckpointError(
-            f"{checkpoint} holds no tokenizer (it was written without a data module), and an export needs "
-            "one. Export a checkpoint of a run of `python -m sa_train fit --config ...`."
-        )
-    tokenizer, eos_id = hf_tokenizer(saved.tokenizer_json, saved.config.max_seq_len, checkpoint)
+    tokenizer, eos_id = hf_tokenizer(saved)
     model = hf_model(saved.config, saved.state_dict, eos_id, checkpoint).to(DTYPES[dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out.parent)  # staging and moved-aside folders of killed exports

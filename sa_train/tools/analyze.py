@@ -24,8 +24,8 @@ from sa_train.analysis import (
     similarity,
     suggest_groups,
 )
-from sa_train.checkpoint import parse_tokenizer, read_checkpoint
-from sa_train.errors import CheckpointError, ConfigError, DataError
+from sa_train.checkpoint import read_checkpoint
+from sa_train.errors import ConfigError, DataError
 from sa_train.model import SAModel
 from sa_train.tools import tool_parser
 
@@ -161,15 +161,13 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError(f"--kv-budget={args.kv_budget}: the KV fraction of an SA model lies in (0.5, 1].")
 
     saved = read_checkpoint(args.checkpoint)
-    if saved.tokenizer_json is None:
-        raise CheckpointError(f"{args.checkpoint} carries no tokenizer; analyze needs one to read the text.")
+    tokenizer = saved.tokenizer("read the text analyze measures on")
     model = SAModel.from_saved(saved)
     seq_len = args.seq_len or min(256, model.config.max_seq_len)
     if not 1 <= seq_len <= model.config.max_seq_len:
         raise ConfigError(
             f"--seq-len={seq_len} must lie in 1..{model.config.max_seq_len} (the model's context)."
         )
-    tokenizer = parse_tokenizer(saved.tokenizer_json, saved.path)
     tokens = [
         token
         for encoding in tokenizer.encode_batch(read_texts(args.data, args.text_field))

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import yaml
 
 from sa_train.analysis import attention_maps, batches_of
-from sa_train.checkpoint import add_model_entries, atomic_torch_save, parse_tokenizer, read_checkpoint
+from sa_train.checkpoint import add_model_entries, atomic_torch_save, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.convert import convert_to_sa
-from sa_train.errors import CheckpointError, ConfigError, DataError
+from sa_train.errors import ConfigError, DataError
 from sa_train.export.reader import read_hf_folder
 from sa_train.model import SAModel
 from sa_train.tools import tool_parser
@@ -94,16 +94,11 @@ def main(argv: Sequence[str]) -> None:
         )
 
     saved = read_hf_folder(args.hf) if args.hf else read_checkpoint(args.checkpoint)
-    if saved.tokenizer_json is None:
-        raise CheckpointError(
-            f"{args.checkpoint} carries no tokenizer; convert needs one to read held-out text."
-        )
+    tokenizer = saved.tokenizer("read the held-out text convert matches heads on")
     dense = SAModel.from_saved(saved)
     groups = yaml.safe_load(args.groups) if args.groups.lstrip().startswith("[") else args.groups
     seq_len = min(256, dense.config.max_seq_len)
-    encodings = parse_tokenizer(saved.tokenizer_json, saved.path).encode_batch(
-        read_texts(args.data, args.text_field)
-    )
+    encodings = tokenizer.encode_batch(read_texts(args.data, args.text_field))
     tokens = [token for encoding in encodings for token in encoding.ids]
     # Head matching and the perplexity that judges it read different text: a permutation chosen on the
     # scored batch itself would be graded on what it was fitted to.

@@ -1,8 +1,9 @@
 """``python -m sa_train eval --model DIR --tasks T1,T2``: lm-evaluation-harness on an exported model.
 
-Runs lm-eval's ``hf`` model on a folder written by ``export`` (remote code trusted only when the folder
-ships it, i.e. for SA models), with sa_train's offline tasks (``sa_train/export/tasks/``) available
-beside lm-eval's own, and writes lm-eval's results as JSON.
+Runs lm-eval's ``hf`` model, as :mod:`sa_train.export.harness` adapts it to the prompt convention, on a
+folder written by ``export`` (remote code trusted only when the folder ships it, i.e. for SA models), with
+sa_train's offline tasks (``sa_train/export/tasks/``) available beside lm-eval's own, and writes lm-eval's
+results as JSON.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def evaluate(
     try:
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
+
+        from sa_train.export.harness import EXPORT_MODEL
     except ModuleNotFoundError as error:
         raise ConfigError(
             f"eval needs lm-evaluation-harness ({error}); install it with `pip install -e '.[eval]'`."
@@ -101,7 +104,7 @@ def evaluate(
     check_hub_reachable(tasks, shipped)
     try:
         return simple_evaluate(
-            model="hf",
+            model=EXPORT_MODEL,
             model_args=model_args,
             tasks=tasks,
             limit=limit,

@@ -1,25 +1,23 @@
 """``python -m sa_train generate``: continue a text prompt with a trained checkpoint, streamed to stdout.
 
 The checkpoint alone is enough: it holds the architecture, the weights and the run's tokenizer
-(:mod:`sa_train.checkpoint`). The prompt is preceded by the end-of-text token that separates documents
-in training, so the continuation starts as a fresh document would, and stops at the next one.
+(:mod:`sa_train.checkpoint`). The prompt is encoded by :class:`sa_train.text.TextModel`, after the
+end-of-text token that separates documents in training, so the continuation starts as a fresh document
+would, and stops at the next one.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from sa_train.checkpoint import parse_tokenizer, read_checkpoint
-from sa_train.data.tokenizer import eos_token_id
-from sa_train.errors import CheckpointError, ConfigError
-from sa_train.generation import Sampling, stream
-from sa_train.model import SAModel
+from sa_train.errors import ConfigError
+from sa_train.generation import Sampling
+from sa_train.text import TextModel
 from sa_train.tools import tool_parser
 
 
@@ -68,8 +66,6 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str]) -> None:
     """Stream the prompt and its continuation to stdout."""
-    from tokenizers.decoders import DecodeStream
-
     args = build_parser().parse_args(argv)
     check_device(args.device)
     check_sampling_flags(args)
@@ -81,28 +77,10 @@ def main(argv: Sequence[str]) -> None:
             "with iconv -f latin1 -t utf-8."
         ) from error
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    saved = read_checkpoint(args.checkpoint)
-    if saved.tokenizer_json is None:
-        raise CheckpointError(
-            f"{saved.path} holds no tokenizer, so its token ids cannot be turned into text. It was written "
-            "without a data module (or by an older sa_train); use a checkpoint of a `python -m sa_train fit` "
-            "run, which stores the run's tokenizer.json in every checkpoint."
-        )
-    tokenizer = parse_tokenizer(saved.tokenizer_json, saved.path)
-    eos = eos_token_id(tokenizer, str(saved.path))
-    model = SAModel.from_saved(saved).to(args.device)
-    prompt_ids = [eos, *tokenizer.encode(args.prompt).ids]
-    decoder = DecodeStream(skip_special_tokens=True)
-    steps = stream(model, [prompt_ids], args.max_new_tokens, sampling, eos, args.compile)
-    first = next(steps)  # checks the prompt's length and prefills before anything is printed
+    lm = TextModel.from_checkpoint(args.checkpoint, args.device)
+    pieces = lm.stream(args.prompt, args.max_new_tokens, sampling, args.compile)
     sys.stdout.write(args.prompt)
-    generated, printed = [], 0
-    for tokens in itertools.chain([first], steps):
-        generated.append(int(tokens[0]))
-        text = decoder.step(tokenizer, generated[-1])
-        if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            printed += len(text)
-    # The stream holds back a trailing partial UTF-8 character; print it as the full decode renders it.
-    sys.stdout.write(tokenizer.decode(generated)[printed:] + "\n")
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")

