@@ -157,13 +157,11 @@ def new_sa_model(dense: SAModel, groups: list[list[int]], orders: dict[int, list
 
 
 def switch_model(
-    dense: SAModel, groups: list[list[int]], maps: dict[int, Tensor] | None, optimizer: Any
+    dense: SAModel, groups: list[list[int]], orders: dict[int, list[int]], optimizer: Any
 ) -> SAModel:
-    """The SA model of ``groups`` from ``dense`` (heads matched when ``maps`` are given), with
+    """The SA model of ``groups`` from ``dense`` (shared layers' heads reordered by ``orders``), with
     ``optimizer`` (if any) re-pointed at it."""
     config = dense.config
-    assert config.n_kv_heads is not None
-    orders = head_orders(maps, groups, config.n_kv_heads) if maps is not None else {}
     model = new_sa_model(dense, groups, orders)
     if optimizer is not None:
         carry_optimizer(
@@ -209,11 +207,12 @@ def carry_optimizer(
         optimizer.state[new[name]] = values
 
 
-def decide(
-    switch: SASwitch, model: SAModel, inputs: Tensor
-) -> tuple[list[list[int]] | None, dict[int, Tensor] | None, dict[str, float]]:
+Decision = tuple[list[list[int]] | None, dict[int, list[int]], dict[str, float]]
+
+
+def decide(switch: SASwitch, model: SAModel, inputs: Tensor) -> Decision:
     """At a step where :meth:`SASwitch.due`, on the batch's ``inputs``: the groups to switch to (None: not
-    yet), the attention maps measured for them (None without head matching), and the measurement's
+    yet), the kv-head order of each shared layer (empty without head matching), and the measurement's
     metrics."""
     rows = inputs[: switch.rows, :MEASURE_LEN]
     maps = None
@@ -222,11 +221,14 @@ def decide(
         maps = measure(model, rows)
         metrics["sa_switch/similarity"] = mean_neighbour_similarity(maps)
         if metrics["sa_switch/similarity"] < switch.similarity:
-            return None, None, metrics
+            return None, {}, metrics
     if maps is None and (switch.head_matching or switch.kv_budget is not None):
         maps = measure(model, rows)
     groups = choose_groups(switch, model.config, maps)
-    return groups, maps if switch.head_matching else None, metrics
+    if not switch.head_matching:
+        return groups, {}, metrics
+    assert maps is not None and model.config.n_kv_heads is not None
+    return groups, head_orders(maps, groups, model.config.n_kv_heads), metrics
 
 
 def switch_metrics(step: int, groups: list[list[int]]) -> dict[str, float]:

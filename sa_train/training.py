@@ -16,7 +16,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
@@ -140,17 +140,19 @@ class CausalLM(L.LightningModule):
 
     def check_strategy(self, trainer: L.Trainer) -> None:
         """What the optimizer and the switch need of the strategy (the CLI checks it before the run folder
-        exists). The switch replaces the model's parameters, which DDP's and DeepSpeed's wrappers took at
-        the start of the run."""
+        exists). The switch replaces the model's parameters: DDP's wrapper is rebuilt around the SA model,
+        but DeepSpeed's engine (and FSDP's shards) hold the dense model's for the whole run."""
         check_optimizer_fits_strategy(self.hparams["optimizer"], trainer.strategy)
+        strategy = trainer.strategy
         if self.sa_switch is not None and (
-            trainer.world_size > 1 or isinstance(trainer.strategy, DeepSpeedStrategy)
+            isinstance(strategy, DeepSpeedStrategy)
+            or (trainer.world_size > 1 and not isinstance(strategy, DDPStrategy))
         ):
             raise ConfigError(
-                f"model.sa_switch runs in one process, but this run has {trainer.world_size} processes "
-                f"({type(trainer.strategy).__name__}): their DDP or DeepSpeed wrapper holds the dense "
-                "model's parameters from the start of the run. Train with trainer.devices=1, or convert "
-                "between runs (`convert`, then fit --model.init_from) for a multi-process fine-tune."
+                f"model.sa_switch cannot run under trainer.strategy {type(strategy).__name__}: its engine "
+                "holds the dense model's parameters (and optimizer) for the whole run. Train with "
+                "trainer.strategy=ddp or on one device, or convert between runs (`convert`, then fit "
+                "--model.init_from) for a DeepSpeed fine-tune."
             )
 
     def setup(self, stage: str) -> None:
@@ -183,23 +185,29 @@ class CausalLM(L.LightningModule):
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """``model.sa_switch``: decide once per optimizer step, at its first batch, before its forward; a
-        run resumed at that step decides again, on the same batch and weights, as the first run did."""
-        switch, step = self.sa_switch, self.trainer.global_step
+        run resumed at that step decides again, on the same batch and weights, as the first run did. The
+        first rank decides on its batch, and every rank converts by its decision; DDP then wraps the SA
+        model (its wrapper reduces the gradients of the parameters it was given)."""
+        switch, step, trainer = self.sa_switch, self.trainer.global_step, self.trainer
         if switch is None or self.switched_at is not None or step == self._decided_at or not switch.due(step):
             return
         self._decided_at = step
-        groups, maps, metrics = decide(switch, self.model, batch[0])
+        decision = decide(switch, self.model, batch[0]) if trainer.is_global_zero else None
+        groups, orders, metrics = trainer.strategy.broadcast(decision)
         if groups is not None:
-            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-            self.model = switch_model(self.model, groups, maps, optimizer)
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self.model = switch_model(self.model, groups, orders, optimizer)
             self.config, self.switched_at = self.model.config, step
+            if isinstance(trainer.strategy, DDPStrategy):
+                trainer.strategy.model = self
+                trainer.strategy.configure_ddp()
             metrics |= switch_metrics(step, groups)
             rank_zero_info(
                 f"sa_switch: at step {step} the dense model became SA, groups {groups} ({len(groups)} "
                 f"anchors, KV cache {metrics['sa_switch/kv_vs_dense']:.3f} of dense), heads "
-                f"{'matched' if maps is not None else 'as they were'}."
+                f"{'matched' if switch.head_matching else 'as they were'}."
             )
-        for logger in self.trainer.loggers:
+        for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     def _logits_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:

@@ -426,19 +426,6 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
         "model.sa_switch.kv_budget=1.5 must lie in (0, 1)",
     ),
     (
-        "sa_switch-two-processes",
-        lambda d, c: [
-            "fit",
-            f"--config={c}",
-            "--model.config.sa_groups=dense",
-            "--model.sa_switch.at_step=2",
-            "--model.sa_switch.groups=every:2",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-        ],
-        "model.sa_switch runs in one process",
-    ),
-    (
         "sa_switch-resumes-only-its-own-switch",
         lambda d, c: [
             "fit",

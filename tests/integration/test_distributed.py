@@ -190,12 +190,16 @@ def test_ddp_resume_mid_epoch_is_bitwise_and_matches_one_process(
 
 
 @pytest.mark.slow
-def test_ddp_with_muon_matches_one_process(tmp_path, small_corpus):
-    """model.optimizer=muon on two gloo ranks follows one process with the global batch: Muon orthogonalises
-    the all-reduced gradient of each matrix, the same on every rank. (Saving and loading its state is the
-    AdamW path's, resumed bitwise above; Muon's own resume is tested in one process in test_sa_switch_run.)"""
-    config = tiny_run_config(tmp_path, small_corpus)
-    muon = ["--model.optimizer=muon", *quick()]
+def test_ddp_with_muon_and_an_sa_switch_matches_one_process(tmp_path, small_corpus):
+    """model.optimizer=muon and model.sa_switch on two gloo ranks follow one process with the global batch.
+    Muon orthogonalises the all-reduced gradient of each matrix, the same on every rank. At step 3 the first
+    rank matches heads on its first row (the global batch's first sample: ranks are dealt samples round-robin)
+    and every rank converts by its decision; DDP then wraps the SA model. (Saving and loading the optimizer
+    state is the AdamW path's, resumed bitwise above; Muon's and the switch's resumes are tested in one
+    process in test_sa_switch_run.py.)"""
+    config = tiny_run_config(tmp_path, small_corpus, sa_groups="dense")
+    switch = ["--model.sa_switch.at_step=3", "--model.sa_switch.groups=every:2", "--model.sa_switch.rows=1"]
+    muon = ["--model.optimizer=muon", *switch, *quick()]
     one, two = tmp_path / "one", tmp_path / "two"
     single = [f"--data.batch_size={2 * MICRO_BATCH}", *checkpoints_every(one, STEPS)]
     assert main(["fit", "--config", str(config), *muon, *single, *recording_losses(one / "losses.json")]) == 0
@@ -208,8 +212,9 @@ def test_ddp_with_muon_matches_one_process(tmp_path, small_corpus):
     curve = losses(two / "losses.json")
     assert curve == pytest.approx(losses(one / "losses.json"), abs=LOSS_TOL)
     assert curve[-1] < curve[0] - 0.3, curve
-    expected = read_checkpoint(one / "last.ckpt").state_dict
-    assert_weights_close(read_checkpoint(two / "last.ckpt").state_dict, expected, MUON_WEIGHT_TOL)
+    expected, actual = read_checkpoint(one / "last.ckpt"), read_checkpoint(two / "last.ckpt")
+    assert actual.config.groups == expected.config.groups == [[0, 1], [2, 3]]
+    assert_weights_close(actual.state_dict, expected.state_dict, MUON_WEIGHT_TOL)
 
 
 @needs_deepspeed
@@ -308,17 +313,30 @@ def test_deepspeed_optimizer_offload_is_one_clear_error(tmp_path, small_corpus, 
 
 
 @needs_deepspeed
-def test_muon_under_deepspeed_is_one_clear_error(tmp_path, small_corpus, capsys):
-    """ZeRO (any stage) steps the client optimizer on flat shards, which torch's Muon cannot orthogonalise."""
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--model.optimizer=muon"], "model.optimizer=muon cannot run under trainer.strategy DeepSpeed"),
+        (
+            [
+                "--model.config.sa_groups=dense",
+                "--model.sa_switch.at_step=2",
+                "--model.sa_switch.groups=every:2",
+            ],
+            "model.sa_switch cannot run under trainer.strategy CPUDeepSpeedStrategy",
+        ),
+    ],
+)
+def test_muon_or_an_sa_switch_under_deepspeed_is_one_clear_error(
+    tmp_path, small_corpus, capsys, options, expected
+):
+    """ZeRO (any stage) steps the client optimizer on flat shards, which torch's Muon cannot orthogonalise;
+    its engine holds the dense model's parameters for the whole run, which a switch replaces."""
     config = tiny_run_config(tmp_path, small_corpus)
-    deepspeed = [
-        "--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy",
-        "--trainer.strategy.stage=1",
-        "--model.optimizer=muon",
-    ]
-    assert main(["fit", "--config", str(config), *deepspeed]) == 2
+    deepspeed = ["--trainer.strategy=distributed_helpers.CPUDeepSpeedStrategy", "--trainer.strategy.stage=1"]
+    assert main(["fit", "--config", str(config), *deepspeed, *options]) == 2
     err = capsys.readouterr().err
-    assert "model.optimizer=muon" in err and "trainer.strategy=ddp" in err and "Traceback" not in err, err
+    assert expected in err and "trainer.strategy=ddp" in err and "Traceback" not in err, err
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
 
 

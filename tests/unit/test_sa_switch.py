@@ -9,7 +9,7 @@ import torch
 
 from sa_train import SAConfig, SAModel
 from sa_train.analysis import attention_maps
-from sa_train.convert import build_converted, convert_to_sa, retrofit_state
+from sa_train.convert import build_converted, convert_to_sa, head_orders, retrofit_state
 from sa_train.errors import ConfigError
 from sa_train.optim import build_muon_optimizer, build_optimizer
 from sa_train.sa_switch import SASwitch, carry_optimizer, switch_model
@@ -91,7 +91,7 @@ def test_the_switch_converts_as_convert_does():
     torch.manual_seed(0)
     dense = SAModel(CONFIG).eval()
     maps = attention_maps(dense, ids(0))
-    switched = switch_model(dense, GROUPS, maps, None)
+    switched = switch_model(dense, GROUPS, head_orders(maps, GROUPS, 2), None)
     reference = convert_to_sa(dense, GROUPS, maps)
     assert switched.config == reference.config
     for (name, p), q in zip(switched.named_parameters(), reference.parameters(), strict=True):
