@@ -37,6 +37,8 @@ NEW_TOKENS = 8
 VOCAB = 1024
 MODES = {"plain": (), "continuous-batching": CONTINUOUS_BATCHING}
 
+pytestmark = pytest.mark.slow  # two servers in subprocesses: ~30 s before the first test
+
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> tuple[Path, SAModel]:
