@@ -100,6 +100,10 @@ class SASwitch:
                 f"model.sa_switch converts a dense model, but model.config.sa_groups is {config.groups}; set "
                 "model.config.sa_groups: dense and give the SA groups as model.sa_switch.groups."
             )
+        if config.n_layers < 2:
+            raise ConfigError(
+                "model.sa_switch needs at least two layers to share attention; model.config.n_layers is 1."
+            )
         if self.groups is not None:
             try:
                 groups = parse_groups(self.groups, config.n_layers)
@@ -119,16 +123,6 @@ class SASwitch:
         if step < self.at_step:
             return False
         return self.similarity is None or (step - self.at_step) % self.every_n_steps == 0
-
-
-def measure(model: SAModel, rows: Tensor) -> dict[int, Tensor]:
-    """Every layer's attention on ``rows``, in eval mode (what ``analyze`` and ``convert`` measure)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return attention_maps(model, rows)
-    finally:
-        model.train(was_training)
 
 
 def mean_neighbour_similarity(maps: dict[int, Tensor]) -> float:
@@ -218,12 +212,12 @@ def decide(switch: SASwitch, model: SAModel, inputs: Tensor) -> Decision:
     maps = None
     metrics: dict[str, float] = {}
     if switch.similarity is not None:
-        maps = measure(model, rows)
+        maps = attention_maps(model, rows)
         metrics["sa_switch/similarity"] = mean_neighbour_similarity(maps)
         if metrics["sa_switch/similarity"] < switch.similarity:
             return None, {}, metrics
     if maps is None and (switch.head_matching or switch.kv_budget is not None):
-        maps = measure(model, rows)
+        maps = attention_maps(model, rows)
     groups = choose_groups(switch, model.config, maps)
     if not switch.head_matching:
         return groups, {}, metrics

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
@@ -144,10 +144,8 @@ class CausalLM(L.LightningModule):
         but DeepSpeed's engine (and FSDP's shards) hold the dense model's for the whole run."""
         check_optimizer_fits_strategy(self.hparams["optimizer"], trainer.strategy)
         strategy = trainer.strategy
-        if self.sa_switch is not None and (
-            isinstance(strategy, DeepSpeedStrategy)
-            or (trainer.world_size > 1 and not isinstance(strategy, DDPStrategy))
-        ):
+        rebuildable = isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+        if self.sa_switch is not None and (not rebuildable or isinstance(strategy, DeepSpeedStrategy)):
             raise ConfigError(
                 f"model.sa_switch cannot run under trainer.strategy {type(strategy).__name__}: its engine "
                 "holds the dense model's parameters (and optimizer) for the whole run. Train with "
