@@ -122,7 +122,7 @@ def test_bad_switch_settings_name_the_field(settings, field):
         ({"sa_groups": "every:2"}, "every:2", "converts a dense model"),
         ({}, "[[0, 1], [2, 3], [4]]", r"model\.sa_switch\.groups: layer 4"),
         ({}, "dense", r"model\.sa_switch\.groups=dense is dense"),
-        ({"n_layers": 1}, "every:2", "at least two layers"),
+        ({"n_layers": 1, "sa_groups": "dense"}, "every:2", "at least two layers"),
     ],
 )
 def test_a_switch_that_does_not_fit_the_model_is_refused(config, groups, message):
