@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from sa_train.checkpoint import atomic_hardlink, remove_stale_temp_files, warn_removed
+from sa_train.checkpoint import atomic_hardlink, link_resumed_run, remove_stale_temp_files, warn_removed
 from sa_train.cost import cost_report, training_flops_per_token
 from sa_train.errors import ConfigError
 from sa_train.model import SAModel
@@ -73,8 +73,18 @@ class LastStepCheckpoint(ModelCheckpoint):
             atomic_hardlink(filepath, linkpath)
         trainer.strategy.barrier()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run writes into a folder of its own (runs started together never share one), so the
+        checkpoint always names another folder, and Lightning warned on every resume that the top-k
+        bookkeeping of that folder is not carried over. sa_train checkpoints by step, without a monitored
+        top k, so nothing is lost; :meth:`on_fit_start` says where the run came from instead."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path."""
+        """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path, and link a
+        resumed run's folder to the run it continues."""
         super().on_fit_start(trainer, pl_module)
         if not trainer.is_global_zero or self.dirpath is None:
             return
@@ -84,6 +94,11 @@ class LastStepCheckpoint(ModelCheckpoint):
             folders.add(resume.parent)
         for folder in sorted(folders):
             self.tidy(folder, keep=resume)
+        previous = link_resumed_run(Path(trainer.log_dir), resume) if resume and trainer.log_dir else None
+        if previous is not None:
+            rank_zero_info(
+                f"Resuming the run in {previous} from {resume.name}; this part logs to {trainer.log_dir}."
+            )
 
     def tidy(self, folder: Path, keep: Path | None = None) -> None:
         """Undo what a kill mid-save left in ``folder``; never deletes ``keep`` (the resumed checkpoint).
@@ -374,18 +389,27 @@ class StepProgressBar(TQDMProgressBar):
     """One progress bar over the run's optimizer steps when ``trainer.max_steps`` bounds it.
 
     Lightning's bar counts the batches of an epoch, which a step-bounded run does not know in advance
-    (it printed ``Epoch 0/-2``, and ``205/4`` after a resume); this one shows ``step/max_steps`` across
+    (it printed ``Epoch 0/-2``, and ``201/?`` after a resume); this one shows ``step/max_steps`` across
     epochs and resumes at the restored step. The logger's version number (``v_num``) is left out.
     """
 
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)  # a run resumed mid-epoch starts no epoch: Lightning skips that hook
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.max_steps < 1 or self.train_progress_bar.disable:
-            super().on_train_epoch_start(trainer, *args)
-            return
+        super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
+        """Count ``global_step`` of ``max_steps``; the rate counts only this process's steps (``initial``),
+        so a resumed run's rate is not its restored steps over seconds of this process."""
         bar = self.train_progress_bar
+        if trainer.max_steps < 1 or bar.disable:
+            return
         if bar.total != trainer.max_steps:
             bar.reset(total=trainer.max_steps)
-            bar.n = bar.last_print_n = trainer.global_step
+            bar.n = bar.last_print_n = bar.initial = trainer.global_step
         bar.set_description(f"Epoch {trainer.current_epoch}")
         bar.refresh()
 

@@ -93,6 +93,22 @@ class ModelCheckpoint:
             ) from error
 
 
+RESUMED_FROM = "resumed_from"  # in a resumed run's folder: a link to the folder of the run it continues
+
+
+def link_resumed_run(run: Path, checkpoint: Path) -> Path | None:
+    """Link ``run/resumed_from`` to the run folder that holds ``checkpoint`` (``<run>/checkpoints/<file>``,
+    a file or DeepSpeed's folder); returns that folder, or None when the checkpoint lies elsewhere or in
+    ``run`` itself. ``plot`` follows the link to draw a resumed run as one curve."""
+    previous = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or previous == run.resolve() or not run.is_dir():
+        return None
+    link = run / RESUMED_FROM
+    if not link.is_symlink():
+        link.symlink_to(os.path.relpath(previous, run), target_is_directory=True)
+    return previous
+
+
 def read_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> ModelCheckpoint:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from sa_train.checkpoint import RESUMED_FROM
 from sa_train.errors import ConfigError, DataError
 from sa_train.tools import tool_parser
 
@@ -35,6 +36,23 @@ def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
                 "folder of a sa_train run, e.g. runs/sa-tiny/version_0."
             ) from error
     return series
+
+
+def read_history(run: Path, seen: frozenset[Path] = frozenset()) -> dict[str, list[tuple[int, float]]]:
+    """:func:`read_metrics` of ``run``, preceded by what the run it resumed from logged before the resume
+    (``resumed_from``, the link a resumed fit leaves in its folder), so a resumed run is one curve. Steps
+    the earlier part logged after its checkpoint, which the resumed part trained again, are left out."""
+    metrics = read_metrics(run)
+    previous = run / RESUMED_FROM
+    if not (run.is_dir() and previous.is_dir()) or previous.resolve() in seen:
+        return metrics
+    earlier = read_history(previous.resolve(), seen | {run.resolve()})
+    start = min((step for series in metrics.values() for step, _ in series), default=None)
+    for name, series in earlier.items():
+        first = metrics[name][0][0] if name in metrics else start
+        before = [point for point in series if first is None or point[0] < first]
+        metrics[name] = before + metrics.get(name, [])
+    return metrics
 
 
 def run_labels(runs: Sequence[Path]) -> list[str]:
@@ -83,7 +101,7 @@ def plot_loss(runs: list[Path], out: Path = Path("loss.png"), smooth: int = 10) 
     runs = [Path(run) for run in runs]
     curves = {}
     for run, label in zip(runs, run_labels(runs), strict=True):
-        metrics = read_metrics(run)
+        metrics = read_history(run)
         if not metrics.get("train/loss"):
             raise DataError(
                 f"plot: {run} holds no train/loss values yet (the run logs every trainer.log_every_n_steps "

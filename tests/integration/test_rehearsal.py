@@ -36,7 +36,7 @@ import yaml
 from test_cli import ROOT, kill_module_when, run_cli, run_module, run_modules_together
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import read_checkpoint
+from sa_train.checkpoint import RESUMED_FROM, read_checkpoint
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 STEPS = 12  # optimizer steps of a rehearsal
@@ -196,6 +196,7 @@ def test_shipped_config_trains_resumes_bitwise_and_serves(shipped, precision, tm
     fit(configs["killed"], f"--ckpt_path={last}", capsys=in_process)
 
     resumed = newest_run(runs)
+    assert (resumed / RESUMED_FROM).resolve() == (runs / "version_0").resolve()  # plot joins the parts
     final = resumed / "checkpoints" / "last.ckpt"
     reference = tmp_path / "uninterrupted" / "runs" / name / "version_0"
     assert read_checkpoint(final).global_step == STEPS

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -47,6 +48,20 @@ def test_step_progress_bar_counts_optimizer_steps_across_epochs(tmp_path):
     assert trainer.current_epoch == 3 and trainer.global_step == 7
     assert bar.train_progress_bar.total == 7 and bar.train_progress_bar.n == 7
     assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)
+
+
+def test_step_progress_bar_of_a_run_resumed_mid_epoch_counts_from_the_restored_step(tmp_path):
+    """Lightning calls no on_train_epoch_start in an epoch it resumes: the bar printed ``9/?``."""
+    settings = dict(accelerator="cpu", logger=False, enable_model_summary=False, limit_val_batches=0)
+    saver = ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    first = L.Trainer(max_steps=4, callbacks=[saver, StepProgressBar()], **settings)
+    first.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(20))
+    bar = StepProgressBar()
+    resumed = L.Trainer(max_steps=7, callbacks=[bar], enable_checkpointing=False, **settings)
+    resumed.fit(CausalLM(CONFIG, warmup_steps=1), batches(20), ckpt_path=tmp_path / "step=4.ckpt")
+    assert resumed.global_step == 7, resumed.current_epoch
+    progress = bar.train_progress_bar
+    assert (progress.n, progress.total, progress.initial) == (7, 7, 4)  # the rate counts steps 5 to 7
 
 
 def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):

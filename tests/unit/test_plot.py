@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sa_train.checkpoint import RESUMED_FROM
 from sa_train.cli import main
-from sa_train.tools.plot import moving_average, read_metrics
+from sa_train.tools.plot import moving_average, read_history, read_metrics
 
 
 def write_run(folder, losses, val):
@@ -77,3 +78,18 @@ def test_a_run_given_twice_is_a_clear_error(tmp_path, capsys):
     run = tmp_path / "sa" / "version_0"
     assert main(["plot", str(run), str(run / ".." / "version_0")]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_a_resumed_run_reads_as_one_run_through_its_link(tmp_path):
+    """The killed part logged steps 0-7 and was checkpointed at step 5; the resumed part trained 6-8 again."""
+    write_run(tmp_path / "r" / "version_0", [8.0, 7.0, 6.5, 6.0, 5.8, 5.6, 9.9, 9.9], [(3, 6.2)])
+    resumed = tmp_path / "r" / "version_1"
+    resumed.mkdir()
+    rows = ["epoch,step,train/loss,train/lr,val/loss", "0,6,5.5,0.001,", "0,7,5.4,0.001,"]
+    rows.append("0,8,5.3,0.001,5.35")
+    (resumed / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (resumed / RESUMED_FROM).symlink_to("../version_0", target_is_directory=True)
+    history = read_history(resumed)
+    assert [value for _, value in history["train/loss"]] == [8.0, 7.0, 6.5, 6.0, 5.8, 5.6, 5.5, 5.4, 5.3]
+    assert history["val/loss"] == [(3, 6.2), (8, 5.35)]
+    assert read_history(tmp_path / "r" / "version_0")["train/loss"][-1] == (7, 9.9)  # the link is one-way
