@@ -37,8 +37,9 @@ MICRO_BATCH = 8
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-4
 # Muon orthogonalises in bf16 (torch's Newton-Schulz), so the last-bit differences of the all-reduced
-# gradient can flip bf16 roundings: measured 1.8e-4 in a weight after 8 steps (losses still within 1e-4).
-MUON_WEIGHT_TOL = 1e-3
+# gradient can flip bf16 roundings: measured 6.1e-4 in a weight after 8 steps with a switch to SA at step 3
+# (1.8e-4 without), while the losses stay within 3e-5.
+MUON_WEIGHT_TOL = 3e-3
 
 
 def checkpoints_every(dirpath: Path, steps: int) -> list[str]:
