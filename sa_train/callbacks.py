@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -19,8 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from sa_train.checkpoint import atomic_hardlink, link_resumed_run, remove_stale_temp_files, warn_removed
 from sa_train.cost import cost_report, training_flops_per_token
+from sa_train.dtypes import DTYPES, precision_dtype
 from sa_train.errors import ConfigError
-from sa_train.model import SAModel
+from sa_train.measure import measure_decode, measure_matmul_flops, synchronize
 
 # Stand-ins formatted into the filename template to find the step checkpoints it names.
 _EPOCH_MARK, _STEP_MARK = 987654321, 123456789
@@ -176,28 +176,6 @@ def _global_step(path: Path) -> int:
         return -1
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype matmuls run in under a Trainer ``precision`` (what the peak FLOP/s depends on)."""
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float32
-
-
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul FLOP/s, the best of a few ``size``³ products: the MFU reference where no table
-    of peaks applies (a CPU's sustained matmul rate, not its datasheet number)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 class TrainingThroughput(L.Callback):
     """Logs ``train/tokens_per_sec`` (all devices), ``train/device/tokens_per_sec`` and ``train/mfu`` (model
     FLOPs utilisation per device), with Lightning's :class:`Throughput` over a window of logging steps.
@@ -229,7 +207,7 @@ class TrainingThroughput(L.Callback):
         if device.type == "cpu":
             self.peak_flops = measure_matmul_flops()
         else:
-            self.peak_flops = get_available_flops(device, compute_dtype(str(trainer.precision)))
+            self.peak_flops = get_available_flops(device, DTYPES[precision_dtype(trainer.precision)])
         self._meter = Throughput(
             available_flops=self.peak_flops, world_size=trainer.world_size, window_size=self.window
         )
@@ -308,9 +286,7 @@ class InferenceCost(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         config = pl_module.config
         seq_len = getattr(trainer.datamodule, "seq_len", None) or config.max_seq_len
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-            compute_dtype(str(trainer.precision)), "fp32"
-        )
+        dtype = precision_dtype(trainer.precision)
         report = cost_report(config, seq_len, config.max_seq_len, dtype)
         sa, dense = report["sa"], report["dense_twin"]
         metrics = {
@@ -343,46 +319,6 @@ class InferenceCost(L.Callback):
             metrics = measure_decode(pl_module.model, self.batch_size, self.prompt_len, self.new_tokens)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-    """Prefill latency, decode tokens/s and KV-cache bytes of greedy decoding on a fixed random batch."""
-    config = model.config
-    new_tokens = min(new_tokens, config.max_seq_len - 1)
-    prompt_len = max(1, min(prompt_len, config.max_seq_len - new_tokens))
-    device = model.embed.weight.device
-    ids = torch.randint(
-        0, config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            cache = model.new_cache(batch_size, prompt_len + new_tokens)
-            synchronize(device)
-            start = time.perf_counter()
-            tokens = model.prefill(ids.to(device), [prompt_len] * batch_size, cache).argmax(-1)
-            synchronize(device)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                tokens = model.decode_step(tokens, cache).argmax(-1)
-                cache.advance()
-            synchronize(device)
-            decode = time.perf_counter() - start
-    finally:
-        model.train(was_training)
-    return {
-        "cost/prefill_ms": prefill * 1e3,
-        "cost/decode_tokens_per_sec": batch_size * new_tokens / decode,
-        "cost/kv_cache_bytes": float(sum(t.numel() * t.element_size() for t in cache.tensors())),
-    }
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so a wall-clock reading covers it (a no-op off CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepProgressBar(TQDMProgressBar):

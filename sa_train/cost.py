@@ -14,8 +14,7 @@ import dataclasses
 from typing import Any
 
 from sa_train.config import SAConfig
-
-BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+from sa_train.dtypes import bytes_per_element
 
 
 def matmul_params(config: SAConfig) -> int:
@@ -103,7 +102,7 @@ def cost_report(
     attends to (default ``config.max_seq_len``), ``dtype`` the cache element type (fp32, bf16, fp16).
     """
     context = config.max_seq_len if context is None else context
-    size = BYTES_PER_ELEMENT[dtype]
+    size = bytes_per_element(dtype)
     sa = cost_summary(config, seq_len, context, size)
     dense = cost_summary(dense_twin(config), seq_len, context, size)
     ratios = ("params", "train_flops_per_token", "prefill_flops", "decode_flops_per_token")

@@ -116,7 +116,7 @@ def _peak_tflops(override: float | None, device: str) -> float | None:
     if override is not None:
         return override
     if device == "cpu":
-        from sa_train.callbacks import measure_matmul_flops
+        from sa_train.measure import measure_matmul_flops
 
         return measure_matmul_flops() / 1e12
     name = torch.cuda.get_device_name()

@@ -40,13 +40,13 @@ from sa_train.checkpoint import (
     writer_path,
 )
 from sa_train.config import SAConfig
+from sa_train.dtypes import DTYPES
 from sa_train.errors import CheckpointError, ConfigError
 from sa_train.export.card import model_card
 from sa_train.export.hf_names import hf_config_fields, to_hf_state_dict
 from sa_train.export.remote.configuration_sa_llama import SALlamaConfig
 from sa_train.export.remote.modeling_sa_llama import SALlamaForCausalLM
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The fp32 350M model (1.4 GB) stays one file; larger exports are split into shards of at most this size.
 MAX_SHARD_SIZE = "2GB"
 

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sa_train.callbacks import measure_matmul_flops, synchronize
 from sa_train.config import SAConfig
 from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_per_token
 from sa_train.errors import ConfigError
+from sa_train.measure import measure_matmul_flops, synchronize
 from sa_train.model import SAModel
 from sa_train.tools import tool_parser
 from sa_train.tools.cost import read_training_config

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sa_train.config import SAConfig
-from sa_train.cost import BYTES_PER_ELEMENT, cost_report
+from sa_train.cost import cost_report
+from sa_train.dtypes import DTYPES, precision_dtype
 from sa_train.errors import ConfigError
 from sa_train.tools import tool_parser
 from sa_train.trainer_cli import parse_training_config
@@ -21,7 +22,6 @@ from sa_train.trainer_cli import parse_training_config
 # Trainer precision -> element type of the activations, hence of the KV cache.
 # The options of fit that cost takes, besides its own.
 FIT_SECTIONS = ("--model.", "--data.", "--trainer.")
-PRECISION_DTYPE = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16-true": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def read_training_config(path: Path, overrides: Sequence[str] = ()) -> TrainingS
         raise ConfigError(f"data.batch_size={batch_size} must be a positive whole number.")
     precision = str(parsed.trainer.precision or "32-true")
     return TrainingShape(
-        config=config, seq_len=seq_len, batch_size=batch_size, dtype=PRECISION_DTYPE.get(precision, "fp32")
+        config=config, seq_len=seq_len, batch_size=batch_size, dtype=precision_dtype(precision)
     )
 
 
@@ -142,7 +142,7 @@ def main(argv: Sequence[str]) -> None:
         "--context", type=int, help="cached positions per decoded token (model.config.max_seq_len)"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(BYTES_PER_ELEMENT), help="KV-cache element type (from trainer.precision)"
+        "--dtype", choices=list(DTYPES), help="KV-cache element type (from trainer.precision)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args, overrides = parser.parse_known_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sa_train.dtypes import DTYPES
 from sa_train.errors import ConfigError
 from sa_train.tools import tool_parser
 
@@ -20,7 +21,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by fit")
     parser.add_argument("--out", type=Path, required=True, help="the folder to create")
     parser.add_argument(
-        "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="type of the saved weights (fp32)"
+        "--dtype", choices=list(DTYPES), default="fp32", help="type of the saved weights (fp32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     args = parser.parse_args(argv)

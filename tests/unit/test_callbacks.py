@@ -16,12 +16,11 @@ from sa_train.callbacks import (
     AttentionSimilarity,
     StepProgressBar,
     TrainingThroughput,
-    compute_dtype,
-    measure_decode,
-    measure_matmul_flops,
 )
 from sa_train.cost import kv_cache_bytes_per_token
+from sa_train.dtypes import precision_dtype
 from sa_train.errors import ConfigError
+from sa_train.measure import measure_decode, measure_matmul_flops
 from sa_train.training import CausalLM
 
 CONFIG = SAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=8, sa_groups="every:2")
@@ -85,8 +84,9 @@ def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):
 def test_throughput_settings_and_peaks():
     with pytest.raises(ConfigError, match="window"):
         TrainingThroughput(window=1)
-    assert compute_dtype("bf16-mixed") == torch.bfloat16 and compute_dtype("16-mixed") == torch.float16
-    assert compute_dtype("32-true") == torch.float32
+    assert [precision_dtype(p) for p in ("bf16-mixed", "bf16-true", "16-mixed", "32-true", 64)] == [
+        "bf16", "bf16", "fp16", "fp32", "fp32"
+    ]  # fmt: skip
     assert measure_matmul_flops(size=128, repeats=2) > 1e6
 
 

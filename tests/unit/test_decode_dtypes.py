@@ -17,8 +17,9 @@ import torch
 from references import greedy_by_full_forward
 
 from sa_train import SAConfig, SAModel
-from sa_train.callbacks import InferenceCost, measure_decode
+from sa_train.callbacks import InferenceCost
 from sa_train.cost import kv_cache_bytes_per_token
+from sa_train.measure import measure_decode
 from sa_train.tools import bench
 from sa_train.training import CausalLM
 
