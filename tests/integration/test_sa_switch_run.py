@@ -82,7 +82,8 @@ def test_the_switch_waits_for_the_measured_similarity_and_takes_the_groups_of_th
 ):
     """Measured every 2 steps from step 2: with a threshold no measurement reaches, the run stays dense;
     with the threshold at a value the first run measured, the second switches at the first measurement
-    that reaches it (the two runs measure the same values until then), into groups within the budget."""
+    that reaches it (the two runs measure the same values until then), into groups within the budget;
+    validate reads its checkpoint with the run's config."""
     config = tiny_run_config(tmp_path, small_corpus)
     measured = [
         *DENSE,
@@ -108,3 +109,7 @@ def test_the_switch_waits_for_the_measured_similarity_and_takes_the_groups_of_th
     checkpoint = tmp_path / "runs" / "tiny" / "version_1" / "checkpoints" / "last.ckpt"
     assert SAModel.from_checkpoint(checkpoint).config.groups == groups
     assert torch.load(checkpoint, weights_only=True)["sa_switch"] == {"step": switch_step, "groups": groups}
+    # validate with the run's config rebuilds the SA model and scores what fit's last validation scored
+    assert main(["validate", "--config", str(config), *measured, f"--ckpt_path={checkpoint}"]) == 0
+    validated = list(csv.DictReader((checkpoint.parent.parent / "validate" / "metrics.csv").open()))
+    assert float(validated[0]["val/loss"]) == list(column(metrics, "val/loss").values())[-1]
