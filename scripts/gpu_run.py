@@ -71,7 +71,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
+CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"  # standalone: sa_train is not imported here
 WHEELS = ROOT / ".gpu_wheels"
 GPU_BUDGET_S = 450.0
 DRY_BUDGET_S = 300.0

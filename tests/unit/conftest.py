@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import datasets
 import pytest
 
+from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.tokenizer import train_bpe
 
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton.jsonl.gz"
 VOCAB = 320  # the vocabulary of test_export.TINY
 
 
 @pytest.fixture(scope="session")
 def tokenizer_json() -> str:
     """A byte-level BPE trained on the first 40k characters of the shipped corpus, as a JSON string."""
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
         text = json.loads(f.readline())["text"][:40_000]
     return train_bpe(datasets.Dataset.from_dict({"text": text.split("\n\n")}), VOCAB).to_str()

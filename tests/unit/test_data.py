@@ -18,12 +18,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from sa_train.data import TokenDataModule, shards, sources
+from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.dataset import PackedTokenDataset
 from sa_train.data.loader import EpochBatchSampler, ResumableLoader
 from sa_train.errors import DataError
 
 WORDS = "the king queen sword crown night day love death speak hath thou art sir lord lady"
-SHIPPED = Path(__file__).resolve().parents[2] / "data" / "open-shakespeare-milton.jsonl.gz"
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:
@@ -474,7 +474,7 @@ def test_constructor_help_comes_from_docstring() -> None:
 
 def test_shipped_corpus(tmp_path: Path) -> None:
     start = time.perf_counter()
-    dm = TokenDataModule(source=str(SHIPPED), cache_dir=str(tmp_path / "cache"))
+    dm = TokenDataModule(source=str(SHIPPED_CORPUS), cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     dm.setup()
     assert time.perf_counter() - start < 60
