@@ -13,6 +13,7 @@ from sa_train.analysis import (
     anchors_for_kv_budget,
     attention_maps,
     groups_for_budget,
+    neighbour_similarity,
     similarity,
     suggest_groups,
 )
@@ -47,6 +48,14 @@ def test_disjoint_attention_has_zero_similarity():
     js = similarity({0: first, 1: last}).js["index"][0][1]
     # rows 1..3 are disjoint (1 bit apart), row 0 is the same in both
     assert js == pytest.approx(1 / 4, abs=1e-6)
+
+
+def test_neighbour_similarity_is_the_matched_matrix_next_to_its_diagonal():
+    maps = {layer: causal_rows(2, 4, 12, seed=layer) for layer in (0, 3, 5)}
+    maps[5] = maps[3][:, [2, 0, 3, 1]]  # layer 5 attends as layer 3 with its heads reordered
+    matched = similarity(maps).js["matched"]
+    assert neighbour_similarity(maps) == [matched[0][1], matched[1][2]]
+    assert neighbour_similarity(maps)[1] == pytest.approx(1.0) and neighbour_similarity(maps)[0] < 0.99
 
 
 def test_suggested_groups_follow_the_threshold_and_the_kv_budget():
