@@ -27,6 +27,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ import torch
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+
+    from sa_train.model import SAModel
 
 from sa_train.config import SAConfig
 from sa_train.errors import CheckpointError, DataError, DiskFullError, SATrainError
@@ -48,6 +51,22 @@ def add_model_entries(checkpoint: dict[str, Any], config: SAConfig, tokenizer_js
     checkpoint[CONFIG_KEY] = config.to_dict()
     if tokenizer_json is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer_json
+
+
+def model_checkpoint(
+    model: SAModel, tokenizer_json: str | None, global_step: int | None = 0
+) -> dict[str, Any]:
+    """A checkpoint in fit's layout that holds the model alone (weights, architecture, tokenizer), without
+    optimizer or loop state: ``validate``, ``test``, ``export``, ``generate`` and ``model.init_from`` read
+    it as they read fit's; ``fit --ckpt_path`` refuses to resume from it. ``convert`` writes these."""
+    checkpoint = {
+        "state_dict": {MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()},
+        "pytorch-lightning_version": version("lightning"),  # Lightning reads it when it loads the file
+        "epoch": 0,
+        "global_step": global_step,
+    }
+    add_model_entries(checkpoint, model.config, tokenizer_json)
+    return checkpoint
 
 
 @dataclass

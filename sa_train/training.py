@@ -360,7 +360,12 @@ class CausalLM(L.LightningModule):
             checkpoint[SWITCH_KEY] = {"step": self.switched_at, "groups": self.config.groups}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint written after an SA switch holds the SA model: build it before its weights load."""
+        """A checkpoint written after an SA switch holds the SA model: build it before its weights load. A
+        checkpoint of the model alone (:func:`sa_train.checkpoint.model_checkpoint`, what ``convert``
+        writes) holds no run counters: they start at zero."""
+        state = checkpoint["state_dict"]
+        for name, counter in self.named_buffers(recurse=False):
+            state.setdefault(name, torch.zeros_like(counter))
         switched = checkpoint.get(SWITCH_KEY)
         if switched is not None and self.switched_at is None:
             self.model = new_sa_model(self.model, switched["groups"], {})

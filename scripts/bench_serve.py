@@ -35,7 +35,7 @@ import transformers
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from sa_train import SAModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
+from sa_train.checkpoint import model_checkpoint
 from sa_train.cost import dense_twin
 from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.tokenizer import train_bpe
@@ -66,12 +66,7 @@ def write_exports(config_path: Path, folder: Path) -> dict[str, Path]:
     for name, model_config in (("sa", config), ("dense", dense_twin(config))):
         torch.manual_seed(0)
         model = SAModel(model_config).eval()
-        checkpoint = {
-            "state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()},
-            "global_step": 0,
-        }
-        add_model_entries(checkpoint, model_config, tokenizer.to_str())
-        torch.save(checkpoint, folder / f"{name}.ckpt")
+        torch.save(model_checkpoint(model, tokenizer.to_str()), folder / f"{name}.ckpt")
         exports[name] = export_checkpoint(folder / f"{name}.ckpt", folder / name)
     return exports
 

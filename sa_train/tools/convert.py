@@ -17,13 +17,12 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning
 import torch
 import torch.nn.functional as F
 import yaml
 
 from sa_train.analysis import attention_maps, batches_of
-from sa_train.checkpoint import add_model_entries, atomic_torch_save, read_checkpoint
+from sa_train.checkpoint import atomic_torch_save, model_checkpoint, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.convert import convert_to_sa
 from sa_train.errors import ConfigError, DataError
@@ -31,7 +30,6 @@ from sa_train.export.reader import read_hf_folder
 from sa_train.model import SAModel
 from sa_train.tools import tool_parser
 from sa_train.tools.analyze import read_texts
-from sa_train.training import CausalLM
 
 
 @torch.no_grad()
@@ -113,16 +111,7 @@ def main(argv: Sequence[str]) -> None:
     maps = None if args.no_head_matching else attention_maps(dense, calibration[:, :-1])
     converted = convert_to_sa(dense, groups, maps).eval()
 
-    # Written through the LightningModule, so validate can load it like any checkpoint of fit.
-    module = CausalLM(converted.config)
-    module.model.load_state_dict(converted.state_dict())
-    checkpoint = {
-        "state_dict": module.state_dict(),
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": saved.global_step,
-    }
-    add_model_entries(checkpoint, converted.config, saved.tokenizer_json)
+    checkpoint = model_checkpoint(converted, saved.tokenizer_json, saved.global_step)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(checkpoint, args.out)
     n, anchors = converted.config.n_layers, len(converted.config.groups)

@@ -16,7 +16,7 @@ from sa_train.checkpoint import read_checkpoint
 
 
 @pytest.mark.slow
-def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys, caplog):
+def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys, caplog, monkeypatch):
     config = tiny_run_config(tmp_path, small_corpus, sa_groups="dense")
     code, _, err = run_cli(["fit", "--config", str(config), "--trainer.max_steps=6"], capsys)
     assert code == 0, err
@@ -33,6 +33,9 @@ def test_convert_then_validate_and_fine_tune(tmp_path, small_corpus, capsys, cap
     code, _, err = run_cli(["validate", "--config", str(config), *sa, f"--ckpt_path={converted}"], capsys)
     assert code == 0, err
     fine_tune = [*sa, f"--model.init_from={converted}", "--trainer.max_steps=2"]
+    # Lightning stops its log records at its own logger when it was imported before pytest's log handler
+    # existed (as a conftest that imports sa_train.data does): let them reach caplog's handler.
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     with caplog.at_level(logging.INFO):
         code, _, err = run_cli(["fit", "--config", str(config), *fine_tune], capsys)
     assert code == 0, err

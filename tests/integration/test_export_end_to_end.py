@@ -24,7 +24,7 @@ from test_cli import ROOT, run_cli, tiny_run_config
 from tokenizers import Tokenizer
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries, read_checkpoint
+from sa_train.checkpoint import model_checkpoint, read_checkpoint
 from sa_train.data.tokenizer import train_bpe
 from sa_train.export.eval_tasks import TASKS_DIR
 from sa_train.export.writer import export_checkpoint
@@ -156,12 +156,7 @@ def test_lm_eval_scores_an_export_as_samodel_does(sa_groups, tmp_path, small_cor
         vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512, sa_groups=sa_groups
     )
     model = SAModel(config).eval()
-    checkpoint = {
-        "state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()},
-        "global_step": 1,
-    }
-    add_model_entries(checkpoint, config, tokenizer.to_str())
-    torch.save(checkpoint, tmp_path / "m.ckpt")
+    torch.save(model_checkpoint(model, tokenizer.to_str(), global_step=1), tmp_path / "m.ckpt")
     out = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "hf")
 
     results = evaluate(out, TASKS.split(","), limit=2, batch_size=2, device="cpu")

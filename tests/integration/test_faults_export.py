@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries, writer_path
+from sa_train.checkpoint import model_checkpoint, writer_path
 from sa_train.data.tokenizer import train_bpe
 from sa_train.errors import DiskFullError
 from sa_train.export.writer import export_checkpoint
@@ -30,10 +30,8 @@ TEXT = "To be, or not to be, that is the question.\n\nWhether 'tis nobler in the
 def checkpoint(tmp_path_factory) -> Path:
     config = SAConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, sa_groups="every:2")
     tokenizer = train_bpe(datasets.Dataset.from_dict({"text": TEXT.split("\n\n")}), config.vocab_size)
-    saved = {"state_dict": {MODEL_PREFIX + k: v for k, v in SAModel(config).state_dict().items()}}
-    add_model_entries(saved, config, tokenizer.to_str())
     path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
-    torch.save(saved, path)
+    torch.save(model_checkpoint(SAModel(config), tokenizer.to_str()), path)
     return path
 
 

@@ -16,7 +16,7 @@ import torch
 from test_cli import kill_when, run_cli, tiny_run_config
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries, read_checkpoint
+from sa_train.checkpoint import model_checkpoint, read_checkpoint
 from sa_train.data.shards import HF_WORK_DIR, MANIFEST, read_cache
 from sa_train.data.tokenizer import train_bpe
 
@@ -75,9 +75,7 @@ def test_the_next_convert_removes_what_a_killed_convert_left(tmp_path, capsys):
     text = "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 60
     config = SAConfig(vocab_size=300, d_model=32, n_layers=4, n_heads=2, max_seq_len=64)
     tokenizer = train_bpe(datasets.Dataset.from_dict({"text": [text]}), config.vocab_size)
-    dense = {"state_dict": {MODEL_PREFIX + k: v for k, v in SAModel(config).state_dict().items()}}
-    add_model_entries(dense, config, tokenizer.to_str())
-    torch.save(dense, tmp_path / "dense.ckpt")
+    torch.save(model_checkpoint(SAModel(config), tokenizer.to_str()), tmp_path / "dense.ckpt")
     (tmp_path / "held_out.txt").write_text(text)
     out = tmp_path / "out" / "sa.ckpt"
     args = ["convert", "--checkpoint", str(tmp_path / "dense.ckpt"), "--groups", "every:2", "--out", str(out)]

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
+from sa_train.checkpoint import model_checkpoint
 from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.tokenizer import train_bpe
 from sa_train.export.serving import CONTINUOUS_BATCHING, post, served
@@ -59,12 +59,7 @@ def export(tmp_path_factory) -> tuple[Path, SAModel]:
         sa_groups="every:2",
     )
     model = SAModel(config).eval()
-    checkpoint = {
-        "state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()},
-        "global_step": 1,
-    }
-    add_model_entries(checkpoint, config, tokenizer.to_str())
-    torch.save(checkpoint, folder / "m.ckpt")
+    torch.save(model_checkpoint(model, tokenizer.to_str(), global_step=1), folder / "m.ckpt")
     return export_checkpoint(folder / "m.ckpt", folder / "sa-tiny"), model
 
 

@@ -4,16 +4,26 @@ import pytest
 import torch
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import add_model_entries, atomic_torch_save, read_checkpoint
+from sa_train.checkpoint import MODEL_PREFIX, atomic_torch_save, model_checkpoint, read_checkpoint
 from sa_train.errors import CheckpointError
+from sa_train.training import CausalLM
 
 CONFIG = SAConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, sa_groups=[[0, 1], [2]], max_seq_len=16)
 
 
 def lightning_like_checkpoint(model: SAModel, tokenizer_json: str | None = '{"fake": true}') -> dict:
-    checkpoint = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 7}
-    add_model_entries(checkpoint, model.config, tokenizer_json)
-    return checkpoint
+    return model_checkpoint(model, tokenizer_json, global_step=7)
+
+
+def test_the_model_prefix_is_the_training_modules_and_fit_reads_model_checkpoints_alike():
+    """MODEL_PREFIX is the name of CausalLM's model attribute: the keys fit writes are the keys read, and a
+    checkpoint of the model alone loads into the training module (its run counters start at zero)."""
+    module, alone = CausalLM(CONFIG), model_checkpoint(SAModel(CONFIG), None)
+    weights = {name for name in module.state_dict() if name.startswith(MODEL_PREFIX)}
+    assert weights == set(alone["state_dict"]) and len(weights) == len(SAModel(CONFIG).state_dict())
+    module.on_load_checkpoint(alone)
+    module.load_state_dict(alone["state_dict"])
+    assert module.tokens_seen == 0 and module.skipped_batches == 0
 
 
 def test_round_trip_keeps_weights_config_and_tokenizer(tmp_path):

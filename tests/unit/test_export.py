@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 
 from sa_train import SAConfig, SAModel, TextModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
+from sa_train.checkpoint import model_checkpoint
 from sa_train.cli import main
 from sa_train.cost import kv_cache_vectors_per_token
 from sa_train.data.tokenizer import EOS_TOKEN
@@ -37,12 +37,7 @@ CONFIGS = {
 
 def write_checkpoint(path: Path, model: SAModel, tokenizer_json: str | None, step: int = 30) -> Path:
     """A checkpoint in the layout fit writes (sa_train.checkpoint), without the optimizer state."""
-    checkpoint = {
-        "state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()},
-        "global_step": step,
-    }
-    add_model_entries(checkpoint, model.config, tokenizer_json)
-    torch.save(checkpoint, path)
+    torch.save(model_checkpoint(model, tokenizer_json, step), path)
     return path
 
 

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import MODEL_PREFIX, add_model_entries
+from sa_train.checkpoint import model_checkpoint
 from sa_train.cli import main
 from sa_train.data.tokenizer import EOS_TOKEN, train_bpe
 
@@ -29,9 +29,7 @@ def write_checkpoint(path: Path, tokenizer_json: str | None, max_seq_len: int = 
         vocab_size=300, d_model=64, n_layers=4, n_heads=4, max_seq_len=max_seq_len, sa_groups="every:2"
     )
     model = SAModel(SAConfig(**{**config.to_dict(), "init_std": 0.3})).eval()
-    checkpoint = {"state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}}
-    add_model_entries(checkpoint, model.config, tokenizer_json)
-    torch.save(checkpoint, path)
+    torch.save(model_checkpoint(model, tokenizer_json), path)
     return model
 
 
