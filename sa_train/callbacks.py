@@ -86,6 +86,7 @@ class LastStepCheckpoint(ModelCheckpoint):
         """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path, and link a
         resumed run's folder to the run it continues."""
         super().on_fit_start(trainer, pl_module)
+        run = trainer.log_dir  # every rank asks: under DDP it is a broadcast from rank 0
         if not trainer.is_global_zero or self.dirpath is None:
             return
         resume = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
@@ -94,11 +95,9 @@ class LastStepCheckpoint(ModelCheckpoint):
             folders.add(resume.parent)
         for folder in sorted(folders):
             self.tidy(folder, keep=resume)
-        previous = link_resumed_run(Path(trainer.log_dir), resume) if resume and trainer.log_dir else None
+        previous = link_resumed_run(Path(run), resume) if resume and run else None
         if previous is not None:
-            rank_zero_info(
-                f"Resuming the run in {previous} from {resume.name}; this part logs to {trainer.log_dir}."
-            )
+            rank_zero_info(f"Resuming the run in {previous} from {resume.name}; this part logs to {run}.")
 
     def tidy(self, folder: Path, keep: Path | None = None) -> None:
         """Undo what a kill mid-save left in ``folder``; never deletes ``keep`` (the resumed checkpoint).
