@@ -218,6 +218,34 @@ class SAConfig:
         """Plain data, the canonical groups included; `SAConfig(**d)` rebuilds the same config."""
         return asdict(self)
 
+    def architecture_differences(self, wanted: SAConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """How ``wanted`` (a run's config) differs from this one (a checkpoint's) in the fields of
+        :data:`ARCHITECTURE_FIELDS` outside ``ignore``: ``model.config.<field> is <this> there, <wanted>
+        here`` each. Resume, ``model.init_from`` and ``convert`` all decide with it."""
+        return [
+            f"model.config.{name} is {getattr(self, name)} there, {getattr(wanted, name)} here"
+            for name in ARCHITECTURE_FIELDS
+            if name not in ignore and getattr(self, name) != getattr(wanted, name)
+        ]
+
+
+# What a model is, apart from how it runs and how it was first drawn: configs that agree on these hold
+# interchangeable weights that compute the same function. Not in it: attention_backend (how attention is
+# computed), init_std (the initial draw only) and max_seq_len (rotary positions are computed, not learned,
+# so a resumed run or a fine-tune may use another context).
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "sa_groups",
+)
+
 
 _INTEGERS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len")
 _NUMBERS = ("rope_theta", "norm_eps", "init_std")

@@ -39,17 +39,6 @@ from sa_train.sa_switch import SWITCH_KEY
 from sa_train.tools import suggestions
 from sa_train.training import CausalLM, check_data_fits_model
 
-# SAConfig fields that shape the weights: a checkpoint that differs in one cannot be loaded into the model.
-WEIGHT_SHAPE_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "ffn_hidden",
-    "tie_embeddings",
-    "sa_groups",
-)
 # Values of ckpt_path that Lightning resolves itself rather than reading as a path.
 LIGHTNING_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
 
@@ -138,16 +127,11 @@ def check_architecture(path: str, wanted: SAConfig, switching: bool = False) -> 
     switched = (
         switching and Path(path).is_file() and SWITCH_KEY in torch.load(path, weights_only=True, mmap=True)
     )
-    fields = [name for name in WEIGHT_SHAPE_FIELDS if not (switched and name == "sa_groups")]
-    differ = [name for name in fields if getattr(saved.config, name) != getattr(wanted, name)]
+    differ = saved.config.architecture_differences(wanted, ignore=("sa_groups",) if switched else ())
     if differ:
         raise ConfigError(
-            f"ckpt_path: {path} holds a different architecture than the config: "
-            + "; ".join(
-                f"model.config.{n} is {getattr(saved.config, n)} there, {getattr(wanted, n)} here"
-                for n in differ
-            )
-            + ". Use the config the checkpoint was trained with (config.yaml in its run folder), or drop "
+            f"ckpt_path: {path} holds a different architecture than the config: {'; '.join(differ)}. Use "
+            "the config the checkpoint was trained with (config.yaml in its run folder), or drop "
             "--ckpt_path to train this architecture from scratch."
         )
     return saved

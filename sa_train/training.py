@@ -168,11 +168,11 @@ class CausalLM(L.LightningModule):
 
     def _load_weights(self, path: str) -> None:
         saved = read_checkpoint(path)
-        shape = {k: v for k, v in saved.config.to_dict().items() if k != "attention_backend"}
-        if shape != {k: v for k, v in self.config.to_dict().items() if k != "attention_backend"}:
+        differ = saved.config.architecture_differences(self.config)
+        if differ:
             raise ConfigError(
-                f"model.init_from: {path} holds a model of another architecture (groups "
-                f"{saved.config.groups}); set model.config to the checkpoint's (the groups given to convert)."
+                f"model.init_from: {path} holds a model of another architecture: {'; '.join(differ)}. Set "
+                "model.config to the checkpoint's (config.yaml of its run, or the groups given to convert)."
             )
         self.model.load_state_dict(saved.state_dict)
         step = saved.global_step

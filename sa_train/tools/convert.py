@@ -23,7 +23,7 @@ import yaml
 
 from sa_train.analysis import attention_maps, batches_of
 from sa_train.checkpoint import atomic_torch_save, model_checkpoint, read_checkpoint
-from sa_train.config import SAConfig
+from sa_train.config import ARCHITECTURE_FIELDS, SAConfig
 from sa_train.convert import convert_to_sa
 from sa_train.errors import ConfigError, DataError
 from sa_train.export.reader import read_hf_folder
@@ -43,7 +43,7 @@ def fine_tune_overrides(config: SAConfig, hf: Path | None) -> list[str]:
     architecture no sa_train config states yet, every field and the folder's tokenizer as well."""
     if hf is None:
         return [f"--model.config.sa_groups '{config.groups}'"]
-    fields = {name: value for name, value in config.to_dict().items() if name != "attention_backend"}
+    fields = {name: getattr(config, name) for name in (*ARCHITECTURE_FIELDS, "max_seq_len")}
     overrides = [f"--model.config.{name} {shlex.quote(json.dumps(value))}" for name, value in fields.items()]
     return [*overrides, f"--data.tokenizer {shlex.quote(str(hf / 'tokenizer.json'))}"]
 

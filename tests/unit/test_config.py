@@ -75,3 +75,19 @@ def test_malformed_groups_name_the_field(spec, message):
 def test_bad_shapes_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         SAConfig(**kwargs)
+
+
+def test_architecture_is_decided_once_for_resume_init_from_and_convert():
+    saved = SAConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, sa_groups="every:2")
+    same = SAConfig(
+        vocab_size=64, d_model=32, n_layers=4, n_heads=4, sa_groups=[[0, 1], [2, 3]], max_seq_len=512,
+        init_std=0.1, attention_backend="torch",
+    )  # fmt: skip
+    assert saved.architecture_differences(same) == []  # the context, the initial draw and the backend
+    other = SAConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, rope_theta=5e5, norm_eps=1e-6)
+    assert saved.architecture_differences(other) == [
+        "model.config.rope_theta is 10000.0 there, 500000.0 here",
+        "model.config.norm_eps is 1e-05 there, 1e-06 here",
+        "model.config.sa_groups is [[0, 1], [2, 3]] there, [[0], [1], [2], [3]] here",
+    ]
+    assert len(saved.architecture_differences(other, ignore=("sa_groups",))) == 2
