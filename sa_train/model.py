@@ -361,6 +361,12 @@ class SAModel(nn.Module):
         return model.eval()
 
 
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits`` (batch, time, vocab) against the next tokens ``targets`` (batch,
+    time), in fp32 whatever the logits' dtype: training, perplexity and the benchmarks all score with it."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 def _first(names: list[str], count: int = 3) -> str:
     if not names:
         return "none"

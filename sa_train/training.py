@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -24,7 +23,7 @@ from torchmetrics.aggregation import MeanMetric
 from sa_train.checkpoint import add_model_entries, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.errors import ConfigError, SATrainError
-from sa_train.model import SAModel
+from sa_train.model import SAModel, next_token_loss
 from sa_train.optim import (
     build_muon_optimizer,
     build_optimizer,
@@ -210,7 +209,7 @@ class CausalLM(L.LightningModule):
 
     def _logits_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return next_token_loss(logits, targets)
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Mean next-token cross-entropy (nats) of a batch ``(inputs, targets)``."""

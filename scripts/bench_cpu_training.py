@@ -23,6 +23,7 @@ import yaml
 from sa_train import SAConfig, SAModel
 from sa_train.attention import AttentionBackend, GroupWeights, TorchBackend
 from sa_train.cost import training_flops_per_token
+from sa_train.model import next_token_loss
 from sa_train.training import build_optimizer
 
 
@@ -58,7 +59,7 @@ def step_timer(
     def step() -> float:
         start = time.perf_counter()
         logits = model(ids[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        next_token_loss(logits, ids[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

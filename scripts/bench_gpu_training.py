@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from sa_train import SAConfig, SAModel
 from sa_train.cost import training_flops_per_token
 from sa_train.export.hf_names import hf_config_fields
+from sa_train.model import next_token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def _step_fn(
     def step() -> None:
         with torch.autocast(ids.device.type, torch.bfloat16, enabled=cuda):
             logits = forward(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        next_token_loss(logits, ids[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sa_train.config import SAConfig
@@ -36,7 +35,7 @@ from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_p
 from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.errors import ConfigError
 from sa_train.measure import measure_matmul_flops, synchronize
-from sa_train.model import SAModel
+from sa_train.model import SAModel, next_token_loss
 from sa_train.optim import build_optimizer
 from sa_train.tools import tool_parser
 from sa_train.tools.cost import read_training_config
@@ -84,7 +83,7 @@ def train_step_timer(
     def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with autocast(device):
             logits = logits_of(model, inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return next_token_loss(logits, targets)
 
     loss_fn = torch.compile(loss_of) if compiled else loss_of
 

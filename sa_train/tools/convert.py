@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from sa_train.analysis import attention_maps, batches_of
@@ -27,7 +26,7 @@ from sa_train.config import ARCHITECTURE_FIELDS, SAConfig
 from sa_train.convert import convert_to_sa
 from sa_train.errors import ConfigError, DataError
 from sa_train.export.reader import read_hf_folder
-from sa_train.model import SAModel
+from sa_train.model import SAModel, next_token_loss
 from sa_train.tools import tool_parser
 from sa_train.tools.analyze import read_texts
 
@@ -35,7 +34,7 @@ from sa_train.tools.analyze import read_texts
 @torch.no_grad()
 def perplexity(model: SAModel, batch: torch.Tensor) -> float:
     logits = model(batch[:, :-1])
-    return math.exp(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).item())
+    return math.exp(next_token_loss(logits, batch[:, 1:]).item())
 
 
 def fine_tune_overrides(config: SAConfig, hf: Path | None) -> list[str]:

@@ -21,6 +21,7 @@ from sa_train.errors import CheckpointError
 from sa_train.export import writer
 from sa_train.export.hf_names import hf_weight_name, to_hf_state_dict
 from sa_train.export.writer import export_checkpoint
+from sa_train.model import next_token_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 REMOTE = ROOT / "sa_train" / "export" / "remote"
@@ -72,7 +73,7 @@ def test_export_loads_in_transformers_with_samodel_logits_and_greedy_text(name, 
     ids = torch.randint(0, TINY["vocab_size"], (2, TINY["max_seq_len"]))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
-        own_loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        own_loss = next_token_loss(model(ids)[:, :-1], ids[:, 1:])  # training's loss, against HF's
         assert hf(ids, labels=ids).loss.item() == pytest.approx(own_loss.item(), rel=1e-5)
 
         prompt = hf_tokenizer("To be, or not to be, that is", return_tensors="pt")
