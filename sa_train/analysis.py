@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sa_train.attention import causal_probs
+from sa_train.cost import kv_fraction as cache_fraction
 from sa_train.model import SAModel
 
 
@@ -145,8 +146,10 @@ def groups_for_budget(matrix: list[list[float]], max_anchors: int) -> tuple[list
 
 
 def anchors_for_kv_budget(n_layers: int, kv_fraction: float) -> int:
-    """Anchors a KV cache of ``kv_fraction`` of the dense one allows: (L + anchors) / 2L <= kv_fraction."""
-    return max(1, math.floor(kv_fraction * 2 * n_layers - n_layers))
+    """The most anchors whose KV cache (:func:`sa_train.cost.kv_fraction`) stays within ``kv_fraction`` of
+    the dense one; at least 1."""
+    fitting = [count for count in range(1, n_layers + 1) if cache_fraction(n_layers, count) <= kv_fraction]
+    return max([1, *fitting])
 
 
 def batches_of(tokens: Iterable[int], batch_size: int, seq_len: int, count: int) -> list[Tensor]:

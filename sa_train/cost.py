@@ -42,6 +42,11 @@ def kv_cache_vectors_per_token(config: SAConfig) -> int:
     return config.n_layers + len(config.groups)
 
 
+def kv_fraction(n_layers: int, anchors: int) -> float:
+    """An SA model's KV cache as a fraction of its dense twin's: (L + anchors) / 2L."""
+    return (n_layers + anchors) / (2 * n_layers)
+
+
 def kv_cache_bytes_per_token(config: SAConfig, bytes_per_element: int = 2) -> int:
     """Cache bytes per token: each cached vector holds ``n_kv_heads · head_dim`` elements (GQA-aware)."""
     assert config.n_kv_heads is not None

@@ -32,6 +32,7 @@ from sa_train.analysis import (
 )
 from sa_train.config import GroupSpec, SAConfig, parse_groups
 from sa_train.convert import build_converted, head_orders, retrofit_state
+from sa_train.cost import kv_fraction
 from sa_train.errors import ConfigError
 from sa_train.model import SAModel
 
@@ -232,7 +233,7 @@ def switch_metrics(step: int, groups: list[list[int]]) -> dict[str, float]:
     metrics = {
         "sa_switch/step": float(step),
         "sa_switch/anchors": float(len(groups)),
-        "sa_switch/kv_vs_dense": (n_layers + len(groups)) / (2 * n_layers),
+        "sa_switch/kv_vs_dense": kv_fraction(n_layers, len(groups)),
     }
     for index, group in enumerate(groups):
         for layer in group:

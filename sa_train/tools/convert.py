@@ -24,6 +24,7 @@ from sa_train.analysis import attention_maps, batches_of
 from sa_train.checkpoint import atomic_torch_save, model_checkpoint, read_checkpoint
 from sa_train.config import ARCHITECTURE_FIELDS, SAConfig
 from sa_train.convert import convert_to_sa
+from sa_train.cost import kv_fraction
 from sa_train.errors import ConfigError, DataError
 from sa_train.export.reader import read_hf_folder
 from sa_train.model import SAModel, next_token_loss
@@ -113,10 +114,8 @@ def main(argv: Sequence[str]) -> None:
     checkpoint = model_checkpoint(converted, saved.tokenizer_json, saved.global_step)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(checkpoint, args.out)
-    n, anchors = converted.config.n_layers, len(converted.config.groups)
-    print(
-        f"wrote {args.out}: groups {converted.config.groups}, KV cache {(n + anchors) / (2 * n):.3f} of dense"
-    )
+    fraction = kv_fraction(converted.config.n_layers, len(converted.config.groups))
+    print(f"wrote {args.out}: groups {converted.config.groups}, KV cache {fraction:.3f} of dense")
     heads = "heads matched" if maps is not None else "heads as they were"
     print(
         f"held-out perplexity ({batch.numel()} tokens): dense {perplexity(dense, batch):.2f}, converted "
