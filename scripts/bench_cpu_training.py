@@ -15,15 +15,16 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from sa_train import SAConfig, SAModel
 from sa_train.attention import AttentionBackend, GroupWeights, TorchBackend
 from sa_train.cost import training_flops_per_token
 from sa_train.model import next_token_loss
+from sa_train.run_config import read_training_config
 from sa_train.training import build_optimizer
 
 
@@ -41,8 +42,7 @@ class RecomputeWithSDPA(TorchBackend):
 
 
 def model_config(path: str) -> SAConfig:
-    with open(path) as f:
-        return SAConfig(**yaml.safe_load(f)["model"]["config"])
+    return read_training_config(Path(path), prog="scripts/bench_cpu_training.py").config
 
 
 def step_timer(

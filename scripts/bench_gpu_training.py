@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from sa_train import SAConfig, SAModel
 from sa_train.cost import training_flops_per_token
 from sa_train.export.hf_names import hf_config_fields
 from sa_train.model import next_token_loss
+from sa_train.run_config import read_training_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,8 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _config(path: Path, backend: str) -> SAConfig:
-    with open(path) as f:
-        fields = yaml.safe_load(f)["model"]["config"]
-    return SAConfig(**{**fields, "attention_backend": backend})
+    config = read_training_config(path, prog="scripts/bench_gpu_training.py").config
+    return SAConfig(**{**config.to_dict(), "attention_backend": backend})
 
 
 def _hf_llama(config: SAConfig) -> torch.nn.Module:

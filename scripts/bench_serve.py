@@ -41,7 +41,7 @@ from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.data.tokenizer import train_bpe
 from sa_train.export.serving import post, served
 from sa_train.export.writer import export_checkpoint
-from sa_train.tools.cost import read_training_config
+from sa_train.run_config import read_training_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("sa", "dense")

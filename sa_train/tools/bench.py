@@ -37,8 +37,8 @@ from sa_train.errors import ConfigError
 from sa_train.measure import measure_matmul_flops, synchronize
 from sa_train.model import SAModel, next_token_loss
 from sa_train.optim import build_optimizer
+from sa_train.run_config import read_training_config
 from sa_train.tools import tool_parser
-from sa_train.tools.cost import read_training_config
 
 VARIANTS = ("sa", "dense", "hf")
 T = TypeVar("T")
@@ -474,7 +474,7 @@ def main(argv: Sequence[str]) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine has no CUDA GPU; run the benchmark with --device cpu.")
     default = ROOT / "configs" / ("sa-350m.yaml" if device.type == "cuda" else "sa-tiny.yaml")
-    shape = read_training_config(args.config or default)
+    shape = read_training_config(args.config or default, prog="python -m sa_train bench")
     config, seq_len, batch = shape.config, shape.seq_len, args.batch or shape.batch_size
     report: dict[str, Any] = {"machine": machine(device), "config": config.to_dict()}
     modes = (False,) if args.no_compile else (False, True)

@@ -8,57 +8,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sa_train.config import SAConfig
 from sa_train.cost import cost_report
-from sa_train.dtypes import DTYPES, precision_dtype
+from sa_train.dtypes import DTYPES
 from sa_train.errors import ConfigError
+from sa_train.run_config import read_training_config
 from sa_train.tools import tool_parser
-from sa_train.trainer_cli import parse_training_config
 
-# Trainer precision -> element type of the activations, hence of the KV cache.
 # The options of fit that cost takes, besides its own.
 FIT_SECTIONS = ("--model.", "--data.", "--trainer.")
-
-
-@dataclass(frozen=True)
-class TrainingShape:
-    """What the tools read from a training YAML without building anything."""
-
-    config: SAConfig
-    seq_len: int
-    batch_size: int
-    dtype: str  # element type of activations and the KV cache under trainer.precision
-
-
-def read_training_config(path: Path, overrides: Sequence[str] = ()) -> TrainingShape:
-    """The model config, training sequence length, micro-batch and cache dtype of a training YAML with
-    ``--section.key`` overrides, read by fit's own parser: the defaults are the data module's and the
-    Trainer's (data.seq_len 256, data.batch_size 16, precision 32-true), as a fit of the config would use."""
-    if not path.is_file():
-        raise ConfigError(
-            f"--config: no file at {path}; give a training config such as configs/sa-tiny.yaml."
-        )
-    parsed = parse_training_config(["--config", str(path), *overrides], "python -m sa_train cost")
-    try:
-        config = SAConfig(**parsed.model.config.as_dict())
-    except TypeError as error:
-        raise ConfigError(f"model.config in {path}: {error}.") from error
-    seq_len, batch_size = parsed.data.seq_len, parsed.data.batch_size
-    if not 1 <= seq_len <= config.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={seq_len} must be a whole number of tokens in 1..{config.max_seq_len} "
-            "(model.config.max_seq_len); set --data.seq_len or --model.config.max_seq_len."
-        )
-    if batch_size < 1:
-        raise ConfigError(f"data.batch_size={batch_size} must be a positive whole number.")
-    precision = str(parsed.trainer.precision or "32-true")
-    return TrainingShape(
-        config=config, seq_len=seq_len, batch_size=batch_size, dtype=precision_dtype(precision)
-    )
 
 
 def _human(value: float, unit: str = "") -> str:
