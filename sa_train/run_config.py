@@ -3,14 +3,46 @@ nothing built: what the tools and benchmarks take from a config."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
 
 from sa_train.config import SAConfig
 from sa_train.dtypes import precision_dtype
 from sa_train.errors import ConfigError
-from sa_train.trainer_cli import parse_training_config
+from sa_train.trainer_cli import SACLI
+
+
+class _ParseOnly(SACLI):
+    """SACLI that parses and checks, and builds, seeds and runs nothing."""
+
+    def __init__(self, args: Sequence[str], prog: str) -> None:
+        self._prog = prog
+        super().__init__(args, run=False)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return super().init_parser(**{**kwargs, "prog": self._prog})
+
+    def _set_seed(self) -> None:
+        """Parsing seeds nothing (Lightning's seeding also logs "Seed set to 1234")."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is built."""
+
+
+def parse_training_config(args: Sequence[str], prog: str) -> Namespace:
+    """The config ``fit`` would run with ``args`` (``--config FILE`` and ``--section.key`` overrides on the
+    trainer's defaults), parsed and checked by fit's own parser, so tools read a training config as fit
+    does; parse errors end the process as fit's do, naming ``prog``."""
+    with warnings.catch_warnings():
+        # ``args`` are the tool's command line less its own options; Lightning warns when they differ.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _ParseOnly(args, prog).config
 
 
 @dataclass(frozen=True)

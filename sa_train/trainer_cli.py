@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,8 +22,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.plugins import DeepSpeedPrecision
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -35,7 +33,9 @@ from sa_train.checkpoint_io import AtomicCheckpointIO
 from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule
 from sa_train.errors import CheckpointError, ConfigError
+from sa_train.run_folders import checkpoint_folders, claim_run_folder
 from sa_train.sa_switch import SWITCH_KEY
+from sa_train.strategies import DeepSpeedPrecisionScalingOnce, check_deepspeed_offload
 from sa_train.tools import suggestions
 from sa_train.training import CausalLM, check_data_fits_model
 
@@ -135,54 +135,6 @@ def check_architecture(path: str, wanted: SAConfig, switching: bool = False) -> 
             "--ckpt_path to train this architecture from scratch."
         )
     return saved
-
-
-def claim_version(root: Path) -> int:
-    """Create ``root/version_N`` for the next free N and return N; atomic across processes and hosts.
-
-    Lightning's loggers pick the next version by listing the folder and create it later: two runs started
-    together both took version_0 (one config.yaml overwritten, metrics.csv interleaving both runs). ``mkdir``
-    fails for all but one creator, and a loser moves on to the next number.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        taken = [
-            int(entry.name[len("version_") :])
-            for entry in root.iterdir()
-            if entry.name.startswith("version_") and entry.name[len("version_") :].isdigit()
-        ]
-        version = max(taken, default=-1) + 1
-        try:
-            (root / f"version_{version}").mkdir()
-        except FileExistsError:
-            continue
-        return version
-
-
-def claim_run_folder(logger: Logger | None) -> Path | None:
-    """Give a CSV or TensorBoard logger without a set version a ``version_N`` folder that no other run
-    shares (:func:`claim_version`); returns the folder claimed."""
-    if not isinstance(logger, CSVLogger | TensorBoardLogger) or logger._version is not None:
-        return None
-    # The logger's own choice is lazy (its ``version`` property lists the folder); set it before use.
-    logger._version = claim_version(Path(logger.root_dir))
-    return Path(logger.log_dir)
-
-
-def checkpoint_folders(trainer: Trainer) -> set[Path]:
-    """Where this run's checkpoints go, and the checkpoint folders of the other runs beside it."""
-    folders = {
-        Path(callback.dirpath)
-        for callback in trainer.checkpoint_callbacks
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath
-    }
-    logger = trainer.logger
-    root = Path(logger.root_dir) if isinstance(logger, CSVLogger | TensorBoardLogger) else None
-    if root is not None and root.is_dir():
-        folders |= {run / "checkpoints" for run in root.glob("version_*")}
-    elif logger is None:
-        folders.add(Path(trainer.default_root_dir) / "checkpoints")
-    return folders
 
 
 class SaveConfigAfterChecks(SaveConfigCallback):
@@ -356,7 +308,7 @@ class SACLI(LightningCLI):
         if self.subcommand == "fit":
             self.model.check_strategy(trainer)
         if isinstance(strategy, DeepSpeedStrategy):
-            _check_deepspeed_offload(strategy)
+            check_deepspeed_offload(strategy)
             strategy.precision_plugin = DeepSpeedPrecisionScalingOnce(strategy.precision_plugin.precision)
         if isinstance(strategy, DeepSpeedStrategy) and self.datamodule is not None:
             # DeepSpeed wants the micro-batch size; Lightning guesses it from a loader's batch_sampler, which
@@ -370,33 +322,6 @@ class SACLI(LightningCLI):
         ):
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
-
-
-class _ParseOnly(SACLI):
-    """SACLI that parses and checks, and builds, seeds and runs nothing."""
-
-    def __init__(self, args: Sequence[str], prog: str) -> None:
-        self._prog = prog
-        super().__init__(args, run=False)
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        return super().init_parser(**{**kwargs, "prog": self._prog})
-
-    def _set_seed(self) -> None:
-        """Parsing seeds nothing (Lightning's seeding also logs "Seed set to 1234")."""
-
-    def instantiate_classes(self) -> None:
-        """Nothing is built."""
-
-
-def parse_training_config(args: Sequence[str], prog: str) -> Namespace:
-    """The config ``fit`` would run with ``args`` (``--config FILE`` and ``--section.key`` overrides on the
-    trainer's defaults), parsed and checked by fit's own parser, so tools read a training config as fit
-    does; parse errors end the process as fit's do, naming ``prog``."""
-    with warnings.catch_warnings():
-        # ``args`` are the tool's command line less its own options; Lightning warns when they differ.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return _ParseOnly(args, prog).config
 
 
 def _check_outputs_in_root_dir(trainer: Trainer) -> None:
@@ -425,33 +350,3 @@ def _check_gpu_is_there(accelerator: Any) -> None:
             "--trainer.precision 32-true --trainer.strategy auto (slow at 350M parameters; the tiny configs "
             "are made for CPUs)."
         )
-
-
-def _check_deepspeed_offload(strategy: DeepSpeedStrategy) -> None:
-    """DeepSpeed refuses a client optimizer with optimizer offload (it wants its own CPU Adam, a compiled
-    op), and CausalLM builds torch's AdamW; say so before the run instead of from inside deepspeed.initialize.
-    """
-    zero = strategy.config.get("zero_optimization") or {}
-    if zero.get("offload_optimizer") and strategy.config.get("zero_force_ds_cpu_optimizer", True):
-        raise ConfigError(
-            "trainer.strategy.init_args.offload_optimizer=true: DeepSpeed offloads optimizer states only "
-            "with its own CPU Adam, and sa_train's model builds torch's AdamW. Set offload_optimizer to "
-            "false."
-        )
-
-
-class DeepSpeedPrecisionScalingOnce(DeepSpeedPrecision):
-    """DeepSpeed's precision with one division of the loss by the accumulated batches, not two.
-
-    Lightning divides each micro-batch loss by ``accumulate_grad_batches`` before the backward, and
-    DeepSpeed's ``engine.backward`` divides it again by its ``gradient_accumulation_steps`` (which
-    Lightning sets to the same number). Measured on two CPU ranks with ZeRO-2, two accumulated batches
-    per step: every gradient norm was exactly half that of one process on the same samples. With
-    sa-350m's eight the gradients were an eighth, so ``gradient_clip_val: 1.0`` clipped at a true norm
-    of 8.
-    """
-
-    def backward(
-        self, tensor: torch.Tensor, model: LightningModule, optimizer: Any, *args: Any, **kwargs: Any
-    ) -> None:
-        model.trainer.model.backward(tensor, *args, scale_wrt_gas=False, **kwargs)

@@ -20,7 +20,7 @@ from test_cli import ROOT, run_cli, run_modules_together, tiny_run_config
 
 from sa_train.checkpoint import FOREIGN_STALE_SECONDS, atomic_torch_save, writer_path
 from sa_train.errors import DiskFullError
-from sa_train.trainer_cli import claim_version
+from sa_train.run_folders import claim_version
 
 
 def _dead_pid() -> int:
