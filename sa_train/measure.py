@@ -1,15 +1,24 @@
-"""Measurements of this machine and of a model's decoding, shared by the training callbacks and ``bench``."""
+"""Measurements of this machine and of a model's decoding, and how ``bench`` times and profiles: shared by
+the training callbacks, ``bench`` and the benchmark scripts."""
 
 from __future__ import annotations
 
 import math
+import platform
+import statistics
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from sa_train.model import SAModel
+
+T = TypeVar("T")
 
 
 def synchronize(device: torch.device) -> None:
@@ -18,17 +27,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul FLOP/s, the best of a few ``size``³ products: the MFU reference where no table
-    of peaks applies (a CPU's sustained matmul rate, not its datasheet number)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def measure_matmul_flops(device: torch.device | None = None, repeats: int = 5) -> float:
+    """This device's matmul FLOP/s, the best of a few products: fp32 1024³ on a CPU (its sustained rate,
+    the MFU reference where no table of peaks applies), bf16 8192³ on a GPU."""
+    device = device or torch.device("cpu")
+    size, dtype = (1024, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    a @ a
     best = math.inf
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
-        a @ b
+        a @ a
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device) -> dict[str, float | None]:
+    """The matmul peak measured now, and the table peak of a known GPU (Lightning's table; None on CPU)."""
+    if device.type == "cpu":
+        return {"measured": measure_matmul_flops(device), "table": None}
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return {"measured": measure_matmul_flops(device), "table": get_available_flops(device, torch.bfloat16)}
 
 
 def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
@@ -63,3 +85,53 @@ def measure_decode(model: SAModel, batch_size: int, prompt_len: int, new_tokens:
         "cost/decode_tokens_per_sec": batch_size * new_tokens / decode,
         "cost/kv_cache_bytes": float(sum(t.numel() * t.element_size() for t in cache.tensors())),
     }
+
+
+def interleaved(timers: dict[str, Callable[[], T]], rounds: int, progress: tqdm) -> dict[str, list[T]]:
+    """What each timer measures per call, round by round in a fixed order."""
+    times: dict[str, list[T]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+            progress.update()
+    return times
+
+
+def spread(seconds: list[float]) -> float:
+    """(max - min) / median of a variant's round times: how noisy its figure is."""
+    return (max(seconds) - min(seconds)) / statistics.median(seconds)
+
+
+def write_profile(folder: Path | None, name: str, device: torch.device, call: Callable[[], object]) -> None:
+    """One more ``call`` under torch.profiler, into ``folder``: ``name``.txt, the 30 operators that took
+    the most time of their own, and ``name``.json, its trace (chrome://tracing or ui.perfetto.dev)."""
+    if folder is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        call()
+        synchronize(device)
+    order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text(profiler.key_averages().table(sort_by=order, row_limit=30))
+    profiler.export_chrome_trace(str(folder / f"{name}.json"))
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """``machine: cpu (x86_64), 16 threads, torch 2.13.0`` (with the GPU's name on CUDA)."""
+    where = f"{info['device']} ({info['gpu'] if 'gpu' in info else info['cpu']})"
+    return f"machine: {where}, {info['threads']} threads, torch {info['torch']}"

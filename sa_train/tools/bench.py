@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -34,7 +33,15 @@ from sa_train.config import SAConfig
 from sa_train.cost import dense_twin, kv_cache_bytes_per_token, training_flops_per_token
 from sa_train.data.datamodule import SHIPPED_CORPUS
 from sa_train.errors import ConfigError
-from sa_train.measure import measure_matmul_flops, synchronize
+from sa_train.measure import (
+    interleaved,
+    machine,
+    machine_line,
+    peak_flops,
+    spread,
+    synchronize,
+    write_profile,
+)
 from sa_train.model import SAModel, next_token_loss
 from sa_train.optim import build_optimizer
 from sa_train.run_config import read_training_config
@@ -101,34 +108,6 @@ def train_step_timer(
     return steps
 
 
-def interleaved(timers: dict[str, Callable[[], T]], rounds: int, progress: tqdm) -> dict[str, list[T]]:
-    """What each timer measures per call, round by round in a fixed order."""
-    times: dict[str, list[T]] = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            times[name].append(timer())
-            progress.update()
-    return times
-
-
-def peak_flops(device: torch.device) -> dict[str, float | None]:
-    """The matmul peak measured now, and the table peak of a known GPU (Lightning's table)."""
-    if device.type == "cpu":
-        return {"measured": measure_matmul_flops(), "table": None}
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    size = 8192
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    a @ a
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    synchronize(device)
-    measured = 10 * 2 * size**3 / (time.perf_counter() - start)
-    return {"measured": measured, "table": get_available_flops(device, torch.bfloat16)}
-
-
 def train_suite(
     config: SAConfig,
     batch: int,
@@ -174,7 +153,7 @@ def train_suite(
         result[variant] = {
             "tokens_per_sec": rate,
             "mode": mode,
-            "spread": _spread(times[f"{variant}/{mode}"]),
+            "spread": spread(times[f"{variant}/{mode}"]),
             "mfu": rate * flops[variant] / peak["measured"],
             "mfu_table": rate * flops[variant] / peak["table"] if peak["table"] else None,
         }
@@ -184,28 +163,6 @@ def train_suite(
     result["mfu_dense"] = result["dense"]["mfu"]
     result["flop_ratio"] = flops["dense"] / flops["sa"]
     return result
-
-
-def _spread(seconds: list[float]) -> float:
-    """(max - min) / median of a variant's round times: how noisy its figure is."""
-    return (max(seconds) - min(seconds)) / statistics.median(seconds)
-
-
-def write_profile(folder: Path | None, name: str, device: torch.device, call: Callable[[], object]) -> None:
-    """One more ``call`` under torch.profiler, into ``folder``: ``name``.txt, the 30 operators that took
-    the most time of their own, and ``name``.json, its trace (chrome://tracing or ui.perfetto.dev)."""
-    if folder is None:
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        call()
-        synchronize(device)
-    order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.txt").write_text(profiler.key_averages().table(sort_by=order, row_limit=30))
-    profiler.export_chrome_trace(str(folder / f"{name}.json"))
 
 
 def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> None:
@@ -368,24 +325,6 @@ def data_suite(train_seconds_per_step: float | None, batch: int, seq_len: int) -
         "loader_ms_per_batch": loader_seconds * 1e3,
         "loader_share_of_step": loader_seconds / train_seconds_per_step if train_seconds_per_step else None,
     }
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    info = {
-        "device": device.type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    """``machine: cpu (x86_64), 16 threads, torch 2.13.0`` (with the GPU's name on CUDA)."""
-    where = f"{info['device']} ({info['gpu'] if 'gpu' in info else info['cpu']})"
-    return f"machine: {where}, {info['threads']} threads, torch {info['torch']}"
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sa_train.cli import main
-from sa_train.tools.bench import format_report, machine
+from sa_train.measure import machine
+from sa_train.tools.bench import format_report
 
 
 @pytest.mark.parametrize(
