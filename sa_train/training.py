@@ -362,9 +362,10 @@ class CausalLM(L.LightningModule):
         """A checkpoint written after an SA switch holds the SA model: build it before its weights load. A
         checkpoint of the model alone (:func:`sa_train.checkpoint.model_checkpoint`, what ``convert``
         writes) holds no run counters: they start at zero."""
-        state = checkpoint["state_dict"]
-        for name, counter in self.named_buffers(recurse=False):
-            state.setdefault(name, torch.zeros_like(counter))
+        state = checkpoint.get("state_dict", {})  # none in DeepSpeed's: it restores the weights itself
+        if state:
+            for name, counter in self.named_buffers(recurse=False):
+                state.setdefault(name, torch.zeros_like(counter))
         switched = checkpoint.get(SWITCH_KEY)
         if switched is not None and self.switched_at is None:
             self.model = new_sa_model(self.model, switched["groups"], {})
