@@ -83,10 +83,8 @@ class LastStepCheckpoint(ModelCheckpoint):
             super().load_state_dict(state_dict)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path, and link a
-        resumed run's folder to the run it continues."""
+        """Tidy once the resumed checkpoint (if any) is loaded and Lightning knows its path."""
         super().on_fit_start(trainer, pl_module)
-        run = trainer.log_dir  # every rank asks: under DDP it is a broadcast from rank 0
         if not trainer.is_global_zero or self.dirpath is None:
             return
         resume = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
@@ -95,7 +93,16 @@ class LastStepCheckpoint(ModelCheckpoint):
             folders.add(resume.parent)
         for folder in sorted(folders):
             self.tidy(folder, keep=resume)
-        previous = link_resumed_run(Path(run), resume) if resume and run else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Link a resumed run's folder to the run it continues: here, because DeepSpeed restores its
+        checkpoint after ``on_fit_start`` (``trainer.ckpt_path`` is still None there)."""
+        super().on_train_start(trainer, pl_module)
+        run = trainer.log_dir  # every rank asks: under DDP it is a broadcast from rank 0
+        if not trainer.is_global_zero or not trainer.ckpt_path or not run:
+            return
+        resume = Path(trainer.ckpt_path).resolve()
+        previous = link_resumed_run(Path(run), resume)
         if previous is not None:
             rank_zero_info(f"Resuming the run in {previous} from {resume.name}; this part logs to {run}.")
 
