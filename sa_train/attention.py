@@ -290,7 +290,9 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 
 @functools.cache
 def get_backend(name: str, device_type: str, head_dim: int) -> AttentionBackend:
-    """Resolve a configured backend for a device and head size; logged once per resolution.
+    """Resolve a configured backend for a device and head size; logged once per resolution, at INFO where
+    there is a choice (CUDA) and at DEBUG on a CPU, whose only backend is PyTorch's (the line was noise in
+    every command's output).
 
     'auto' picks the Triton kernels on CUDA when they can run this head size, PyTorch otherwise.
     """
@@ -307,7 +309,8 @@ def get_backend(name: str, device_type: str, head_dim: int) -> AttentionBackend:
             f">= 16 (here {head_dim}); use attention_backend: auto or torch."
         )
     if device_type != "meta":  # a model on the meta device (shapes only) never computes attention
-        log.info("shared attention on %s uses the %s backend", device_type, name)
+        level = logging.INFO if device_type == "cuda" else logging.DEBUG
+        log.log(level, "shared attention on %s uses the %s backend", device_type, name)
     return BACKENDS[name]()
 
 

@@ -16,7 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from sa_train.checkpoint import atomic_hardlink, link_resumed_run, remove_stale_temp_files, warn_removed
+from sa_train.checkpoint import (
+    atomic_hardlink,
+    link_resumed_run,
+    read_global_step,
+    remove_stale_temp_files,
+    warn_removed,
+)
 from sa_train.cost import cost_report, training_flops_per_token
 from sa_train.dtypes import DTYPES, precision_dtype
 from sa_train.errors import ConfigError
@@ -157,14 +163,14 @@ def relink_last_checkpoint(last: Path) -> None:
     if last.name != last_name or not last.is_file() or last.is_symlink():
         return
     steps = {
-        p: _global_step(p)
+        p: read_global_step(p)
         for p in last.parent.glob("*.ckpt")
         if p != last and p.is_file() and not p.is_symlink()
     }
     if not steps:
         return
     newest = max(steps, key=steps.__getitem__)
-    last_step = _global_step(last)
+    last_step = read_global_step(last)
     if steps[newest] > last_step:
         atomic_hardlink(newest, last)
         warnings.warn(
@@ -172,14 +178,6 @@ def relink_last_checkpoint(last: Path) -> None:
             f"now a link to {newest.name}, step {steps[newest]}.",
             stacklevel=2,
         )
-
-
-def _global_step(path: Path) -> int:
-    """The optimizer step a checkpoint was written at (read lazily, ``mmap``); -1 when unreadable."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # a foreign or damaged file never counts as newer
-        return -1
 
 
 class TrainingThroughput(L.Callback):
@@ -214,8 +212,12 @@ class TrainingThroughput(L.Callback):
             self.peak_flops = measure_matmul_flops()
         else:
             self.peak_flops = get_available_flops(device, DTYPES[precision_dtype(trainer.precision)])
+        # A short run gets its first rates within its first half: a window of ``window`` logging steps
+        # logged nothing before step 25 (log_every_n_steps 5), so a 20-step run had no throughput at all.
+        updates = trainer.max_steps // trainer.log_every_n_steps if trainer.max_steps > 0 else self.window
+        window = max(2, min(self.window, updates // 2))
         self._meter = Throughput(
-            available_flops=self.peak_flops, world_size=trainer.world_size, window_size=self.window
+            available_flops=self.peak_flops, world_size=trainer.world_size, window_size=window
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

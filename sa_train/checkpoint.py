@@ -171,6 +171,15 @@ def read_checkpoint(
     )
 
 
+def read_global_step(path: Path) -> int:
+    """The optimizer step a checkpoint file was written at, read lazily (``mmap``); -1 when unreadable (a
+    foreign or damaged file never counts as newer)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:
+        return -1
+
+
 def _load(path: Path, map_location: str | torch.device) -> Any:
     """Memory-mapped: reading the config and tokenizer of a large checkpoint touches only their pages, not
     the optimizer state (a resume reads the file to check it before Lightning loads it)."""

@@ -81,6 +81,27 @@ def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):
     assert logged["train/device/tokens_per_sec"] == logged["train/tokens_per_sec"]  # one device
 
 
+def test_a_short_run_logs_throughput_from_its_first_half(tmp_path):
+    """20 steps logged every 5 with the default window of 5 logging steps: no rate at all before."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[TrainingThroughput()],
+    )
+    trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(20))
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column, step = header.index("train/tokens_per_sec"), header.index("step")
+    logged = [int(row.split(",")[step]) for row in rows[1:] if row.split(",")[column]]
+    assert logged and logged[0] < 10, logged
+
+
 def test_throughput_settings_and_peaks():
     with pytest.raises(ConfigError, match="window"):
         TrainingThroughput(window=1)
