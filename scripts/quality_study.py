@@ -1,10 +1,16 @@
-"""Quality study of issue 12: SA against its dense twin on the same tokens and seeds.
+"""Quality study of issues 12 and 24: SA against its dense twin on the same tokens and seeds.
 
-Variants: dense; SA groups of 2; groups of 4; paper-style (dense early layers, then groups of 3); a
-retrofit (each dense run converted to groups of 4 with head matching, then fine-tuned for a fraction of a
-pass); and the same retrofit without head matching (``retrofit-unmatched``). Every variant trains once
+Variants of issue 12 (the default): dense; SA groups of 2; groups of 4; paper-style (dense early layers,
+then groups of 3); a retrofit (each dense run converted to groups of 4 with head matching, then fine-tuned
+for a fraction of a pass); and the same retrofit without head matching (``retrofit-unmatched``). Issue 24
+adds, when listed in ``--variants``: dense and groups of 4 trained with Muon (``dense-muon``,
+``every4-muon``), and dense runs switched to groups of 4 after a quarter and a half of their steps
+(``switch-early``, ``switch-late``: ``model.sa_switch``). Every variant trains once
 per seed and per data budget (one pass, several passes), each run with its own full warmup + cosine
-schedule, so the one-pass figure comes from a finished run rather than a snapshot of a longer one. A seed
+schedule, so the one-pass figure comes from a finished run rather than a snapshot of a longer one. Each
+validation point is also placed against the training FLOPs spent so far (``sa_train.cost``: dense FLOPs
+before a switch, SA FLOPs after) and the training time, and the report gives the compute each variant needs
+to reach the dense/AdamW runs' final validation loss. A seed
 is ``seed_everything``, i.e. the initialisation: the data split and the batch order (``data.seed``) are
 the same for every run, so variants see the same tokens in the same order.
 
@@ -17,6 +23,8 @@ it. ``--report-only`` rewrites those outputs from a finished study without train
     python scripts/quality_study.py                     # CPU scale, ~35 min on one core
     python scripts/quality_study.py --scale cuda        # the tiny shape at batch 16 and a wider model, bf16
     python scripts/quality_study.py --smoke --out /tmp/q  # the whole pipeline in seconds (the test's mode)
+    python scripts/quality_study.py --variants dense every4 dense-muon every4-muon switch-early \
+        switch-late --passes 2 --val-per-pass 4 --jobs 2       # quality at equal compute (issue 24)
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +50,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "sa-tiny.yaml"
-VARIANTS = ("dense", "every2", "every4", "paper", "retrofit", "retrofit-unmatched")
+ISSUE12_VARIANTS = ("dense", "every2", "every4", "paper", "retrofit", "retrofit-unmatched")
+VARIANTS = (*ISSUE12_VARIANTS, "dense-muon", "every4-muon", "switch-early", "switch-late")
 RETROFITS = ("retrofit", "retrofit-unmatched")  # converted with and without head matching
 RETROFIT_GROUPS = "every:4"
+MUON = ("dense-muon", "every4-muon")  # model.optimizer: muon; every other variant trains with AdamW
+# model.sa_switch: dense for this fraction of the run's steps, then SWITCH_GROUPS for the rest.
+SWITCHES = {"switch-early": 0.25, "switch-late": 0.5}
+SWITCH_GROUPS = "every:4"
 
 
 class StudyError(Exception):
@@ -75,7 +89,30 @@ class Shape:
             "paper": self.paper_groups,
             "retrofit": RETROFIT_GROUPS,
             "retrofit-unmatched": RETROFIT_GROUPS,
+            "dense-muon": "dense",
+            "every4-muon": "every:4",
+            "switch-early": "dense",
+            "switch-late": "dense",
         }[variant]
+
+    def model_config(self, groups: str) -> Any:
+        """The ``SAConfig`` of this shape with ``groups``, for the analytic costs of ``sa_train.cost``."""
+        from sa_train.config import SAConfig
+
+        return SAConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            max_seq_len=self.seq_len,
+            sa_groups=groups,
+        )
+
+    def train_flops_per_token(self, groups: str) -> float:
+        from sa_train.cost import training_flops_per_token
+
+        return training_flops_per_token(self.model_config(groups), self.seq_len, causal=True)
 
     def describe(self) -> str:
         return (
@@ -133,8 +170,10 @@ class Run:
     steps: int
     train_tokens: int
     name: str
-    val_every: int  # steps between validations: a pass, or the whole fine-tune
+    val_every: int  # steps between validations: a fraction of a pass, or the whole fine-tune
     dense_tokens: int = 0  # retrofit: tokens of the dense run it was converted from
+    optimizer: str = "adamw"  # model.optimizer
+    switch_at: int | None = None  # model.sa_switch.at_step: dense steps before becoming SWITCH_GROUPS
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -265,9 +304,10 @@ class Study:
         return self.out / "runs" / run.name
 
     def write_config(self, run: Run, init_from: Path | None = None) -> Path:
-        """configs/sa-tiny.yaml with the shape, groups, budget and outputs of ``run``. Validation covers the
-        whole val split (but in smoke) at the end of every pass, the last step included, so the final
-        perplexity is the full held-out one; decode timing is off (the table's speed is training's).
+        """configs/sa-tiny.yaml with the shape, groups, optimizer, switch, budget and outputs of ``run``.
+        Validation covers the whole val split (but in smoke) every ``--val-per-pass``-th of a pass, the last
+        step included, so the final perplexity is the full held-out one; decode timing is off (the table's
+        speed is training's).
 
         A retrofit's fine-tune peaks at ``--retrofit-lr-scale`` of the shape's learning rate, warmed up
         over a tenth of its steps: enough to move the shared layers onto their anchor's attention in a
@@ -285,6 +325,9 @@ class Study:
             sa_groups=run.groups,
         )
         config["model"]["lr"] = shape.lr
+        config["model"]["optimizer"] = run.optimizer
+        if run.switch_at is not None:
+            config["model"]["sa_switch"] = {"at_step": run.switch_at, "groups": SWITCH_GROUPS}
         if init_from is not None:
             config["model"]["lr"] = shape.lr * self.args.retrofit_lr_scale
             config["model"]["warmup_steps"] = max(1, run.steps // 10)
@@ -327,12 +370,14 @@ class Study:
             stats = self.stats[shape_name]
             per_pass = self.args.steps or stats.steps_per_pass(shape.batch_size)
             fine_tune = max(1, round(per_pass * self.args.retrofit_fraction))
+            val_every = max(1, per_pass // self.args.val_per_pass)
             for passes in self.args.passes:
                 dense_tokens = stats.tokens_in(per_pass * passes, shape.batch_size, shape.seq_len)
                 for seed in self.args.seeds:
                     for variant in self.args.variants:
                         retrofit = variant in RETROFITS
                         steps = fine_tune if retrofit else per_pass * passes
+                        switch = SWITCHES.get(variant)
                         runs.append(
                             Run(
                                 shape=shape_name,
@@ -343,8 +388,10 @@ class Study:
                                 steps=steps,
                                 train_tokens=stats.tokens_in(steps, shape.batch_size, shape.seq_len),
                                 name=run_name(shape_name, passes, variant, seed),
-                                val_every=steps if retrofit else per_pass,
+                                val_every=steps if retrofit else val_every,
                                 dense_tokens=dense_tokens if retrofit else 0,
+                                optimizer="muon" if variant in MUON else "adamw",
+                                switch_at=None if switch is None else max(1, round(steps * switch)),
                             )
                         )
         return runs
@@ -357,6 +404,11 @@ class Study:
         config = self.write_config(run)
         self.cli(["fit", "--config", str(config)], folder / "fit.log")
         run.results.update(read_fit(folder / "train"))
+        run.results.update(
+            from_scratch_figures(
+                asdict(run), self.shape(run.shape), self.stats[run.shape], self.scale.log_every
+            )
+        )
 
     def retrofit(self, run: Run) -> None:
         """Convert the same seed and budget's dense run (heads matched, or as they are for
@@ -411,20 +463,43 @@ class Study:
             flush=True,
         )
         progress = Progress(total_tokens, len(self.runs))
-        for index, run in enumerate(self.runs, 1):
-            run_started = time.perf_counter()
-            if run.variant in RETROFITS:
-                self.retrofit(run)
-            else:
-                self.fit(run)
-            run.results["wall_s"] = time.perf_counter() - run_started
+
+        def finished(run: Run) -> None:
             self.save(time.perf_counter() - started)
-            print(progress.line(index, run), flush=True)
+            print(progress.line(run), flush=True)
+
+        # From-scratch runs --jobs at a time, in plan order; retrofits after them, since each converts the
+        # dense run of its seed and budget.
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            futures = {
+                pool.submit(self.timed, self.fit, run): run
+                for run in self.runs
+                if run.variant not in RETROFITS
+            }
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    finished(futures[future])
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # the runs not started yet; those running end on their own
+                raise
+        for run in self.runs:
+            if run.variant in RETROFITS:
+                self.timed(self.retrofit, run)
+                finished(run)
         if "dense" in self.args.variants:
             self.analyze()
         report = self.save(time.perf_counter() - started)
         write_outputs(report, self.out, self.args.docs, self.args.label)
         return report
+
+    @staticmethod
+    def timed(step: Callable[[Run], None], run: Run) -> None:
+        """``step(run)``, its wall time (start-up, training and validation) into the run's results."""
+        run_started = time.perf_counter()
+        step(run)
+        run.results["wall_s"] = time.perf_counter() - run_started
 
     def save(self, wall_s: float) -> dict[str, Any]:
         report = {
@@ -439,6 +514,8 @@ class Study:
                 "steps_per_pass_override": self.args.steps,
                 "retrofit_fraction": self.args.retrofit_fraction,
                 "retrofit_lr_scale": self.args.retrofit_lr_scale,
+                "val_per_pass": self.args.val_per_pass,
+                "jobs": self.args.jobs,
                 "threads_per_run": self.args.threads,
                 "accelerator": self.scale.accelerator,
                 "precision": self.scale.precision,
@@ -452,6 +529,7 @@ class Study:
             "analysis": self.analysis,
             "wall_s": wall_s,
         }
+        report["compute"] = compute_summary(report)
         (self.out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return report
 
@@ -462,17 +540,19 @@ class Progress:
 
     def __init__(self, total_tokens: int, total_runs: int) -> None:
         self.total_tokens, self.total_runs = total_tokens, total_runs
-        self.done_tokens = 0
+        self.done_tokens = self.done_runs = 0
         self.started = time.perf_counter()
 
-    def line(self, index: int, run: Run) -> str:
+    def line(self, run: Run) -> str:
         self.done_tokens += run.train_tokens
+        self.done_runs += 1
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done_tokens * (self.total_tokens - self.done_tokens)
         results = run.results
         speed = results.get("tokens_per_sec")
         return (
-            f"[{index}/{self.total_runs}] {run.name}: {run.steps} steps, {run.train_tokens:,} tokens, "
+            f"[{self.done_runs}/{self.total_runs}] {run.name}: {run.steps} steps, "
+            f"{run.train_tokens:,} tokens, "
             f"val ppl {results['val_ppl']:.2f}"
             + (f" (converted {results['val_ppl_converted']:.2f})" if "val_ppl_converted" in results else "")
             + (f", {speed:,.0f} tokens/s" if speed else "")
@@ -517,7 +597,199 @@ def read_fit(folder: Path) -> dict[str, Any]:
     }
 
 
+def throughput_window_steps(log_every: int) -> int:
+    """Steps over which TrainingThroughput averages a logged rate at most: its default window of logging
+    steps (a short run's is smaller)."""
+    import inspect
+
+    from sa_train.callbacks import TrainingThroughput
+
+    return inspect.signature(TrainingThroughput).parameters["window"].default * log_every
+
+
+def from_scratch_figures(
+    run: dict[str, Any], shape: Shape, stats: DataStats, log_every: int
+) -> dict[str, Any]:
+    """A fit's validation curve against compute, and a switched run's final costs.
+
+    ``curve``: one point per validation with the steps done, the training tokens, the training FLOPs
+    (``sa_train.cost.training_flops_per_token`` with causal attention: the dense model's before a switch,
+    ``SWITCH_GROUPS``' after), the training seconds and the validation loss. Training seconds are each
+    phase's tokens (before and after a switch) over that phase's median logged ``train/tokens_per_sec``,
+    leaving out the rates whose averaging window may hold a validation or the switch (all of the phase's
+    rates where none is left): the validations are the study's, not the recipe's, and at the CPU scale one
+    validation of the whole split took as long as ~15 training steps. None where no rate was logged.
+
+    A switched run logged its parameters and KV cache at step 0, as the dense model; its final model's are
+    the analytic parameter count and the logged KV bytes times ``sa_switch/kv_vs_dense``."""
+    from sa_train.cost import parameter_count
+
+    metrics = read_metrics_file(Path(run["results"]["run_dir"]))
+    window = throughput_window_steps(log_every)
+    switch = run["switch_at"]
+    val_steps = [step for step, _ in metrics["val/loss"]]
+    rates = metrics.get("train/tokens_per_sec", [])
+
+    def phase_rate(first: int, end: int) -> float | None:
+        inside = [(step, rate) for step, rate in rates if first <= step - window and step < end]
+        clean = [rate for step, rate in inside if not any(step - window <= v <= step for v in val_steps)]
+        chosen = (
+            clean or [rate for _, rate in inside] or [rate for step, rate in rates if first <= step < end]
+        )
+        return statistics.median(chosen) if chosen else None
+
+    def tokens(steps: int) -> int:
+        return stats.tokens_in(steps, shape.batch_size, shape.seq_len)
+
+    dense_flops = shape.train_flops_per_token("dense")
+    if switch is None:
+        phases = [
+            (run["steps"], shape.train_flops_per_token(run["groups"]), phase_rate(-window, run["steps"]))
+        ]
+    else:
+        phases = [
+            (switch, dense_flops, phase_rate(-window, switch)),
+            (run["steps"], shape.train_flops_per_token(SWITCH_GROUPS), phase_rate(switch, run["steps"])),
+        ]
+    curve = []
+    for step, loss in metrics["val/loss"]:
+        done = step + 1  # validation runs after the step it is logged at (0-based)
+        flops, seconds, start = 0.0, 0.0, 0
+        for end, per_token, rate in phases:
+            spent = tokens(min(done, end)) - tokens(start) if done > start else 0
+            flops += spent * per_token
+            seconds = None if seconds is None or rate is None else seconds + spent / rate
+            start = end
+        curve.append(
+            {"step": done, "tokens": tokens(done), "flops": flops, "train_s": seconds, "val_loss": loss}
+        )
+    figures: dict[str, Any] = {"curve": curve}
+    if switch is not None:
+        figures["params"] = parameter_count(shape.model_config(SWITCH_GROUPS))
+        figures["kv_bytes_per_token"] = round(
+            int(metrics["cost/kv_bytes_per_token"][0][1]) * metrics["sa_switch/kv_vs_dense"][-1][1]
+        )
+    return figures
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seeds' curves averaged point by point (their validations fall on the same steps)."""
+    curves = [run["results"]["curve"] for run in runs]
+    if len({tuple(point["step"] for point in curve) for curve in curves}) != 1:
+        raise StudyError("the seeds of one variant validated at different steps; rerun the study whole.")
+    points = []
+    for same in zip(*curves, strict=True):
+        seconds = [point["train_s"] for point in same]
+        points.append(
+            {
+                "step": same[0]["step"],
+                "flops": statistics.fmean(point["flops"] for point in same),
+                "train_s": None if None in seconds else statistics.fmean(seconds),
+                "val_loss": statistics.fmean(point["val_loss"] for point in same),
+            }
+        )
+    return points
+
+
+def reach(curve: list[dict[str, Any]], target: float, key: str) -> float | None:
+    """``key`` (flops or train_s) where the validation loss first reaches ``target``, linear between
+    validation points; the first point's if that one already does; None if it never does (or, for
+    train_s, if the run logged no rate)."""
+    previous = None
+    for point in curve:
+        if point["val_loss"] <= target:
+            if previous is None or point[key] is None:
+                return point[key]
+            share = (previous["val_loss"] - target) / (previous["val_loss"] - point["val_loss"])
+            return previous[key] + share * (point[key] - previous[key])
+        previous = point
+    return None
+
+
+def compute_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Per shape and budget: the target (the dense/AdamW runs' final validation loss, mean over seeds) and,
+    per from-scratch or switched variant, its final loss, its FLOPs and training seconds, and what it spent
+    to reach the target: on the seeds' mean curve, and seed by seed against the same target. A retrofit's
+    compute is its dense run's plus the fine-tune's and is left out here. Ratios are to dense/AdamW's own
+    (the end of its mean curve, which reaches the target there by construction)."""
+    summary: dict[str, Any] = {}
+    for shape_name in report["settings"]["shapes"]:
+        for passes in report["settings"]["passes"]:
+            runs = [
+                run
+                for run in report["runs"]
+                if run["shape"] == shape_name and run["passes"] == passes and "curve" in run["results"]
+            ]
+            dense = [run for run in runs if run["variant"] == "dense"]
+            if not dense:
+                continue
+            target = statistics.fmean(run["results"]["curve"][-1]["val_loss"] for run in dense)
+            variants: dict[str, Any] = {}
+            for variant in report["settings"]["variants"]:
+                chosen = [run for run in runs if run["variant"] == variant]
+                if not chosen:
+                    continue
+                curve = mean_curve(chosen)
+                variants[variant] = {
+                    "seeds": [run["seed"] for run in chosen],
+                    "final_val_loss": [run["results"]["curve"][-1]["val_loss"] for run in chosen],
+                    "flops": curve[-1]["flops"],
+                    "train_s": curve[-1]["train_s"],
+                    "curve": curve,
+                    "flops_to_target": reach(curve, target, "flops"),
+                    "train_s_to_target": reach(curve, target, "train_s"),
+                    "flops_to_target_per_seed": [
+                        reach(run["results"]["curve"], target, "flops") for run in chosen
+                    ],
+                }
+            reference = variants["dense"]
+            for figures in variants.values():
+                for key in ("flops", "train_s"):
+                    spent, own = figures[f"{key}_to_target"], reference[f"{key}_to_target"]
+                    figures[f"{key}_to_target_vs_dense"] = None if spent is None or not own else spent / own
+            summary.setdefault(shape_name, {})[str(passes)] = {
+                "target_val_loss": target,
+                "variants": variants,
+            }
+    return summary
+
+
 # Outputs -------------------------------------------------------------------------------------------
+
+COLOURS = dict(
+    zip(
+        VARIANTS,
+        (
+            "black",
+            "tab:blue",
+            "tab:orange",
+            "tab:green",
+            "tab:red",
+            "tab:purple",
+            "tab:gray",
+            "tab:brown",
+            "tab:cyan",
+            "tab:pink",
+        ),
+        strict=True,
+    )
+)
+
+
+def groups_label(run: dict[str, Any]) -> str:
+    if run["switch_at"] is None:
+        return f"`{run['groups']}`"
+    return f"`{run['groups']}` → `{SWITCH_GROUPS}` after step {run['switch_at']}"
+
+
+def si(value: float | None, digits: int = 2) -> str:
+    """A FLOP count with its SI prefix (P, T, G, M); '—' for None."""
+    if value is None:
+        return "—"
+    for prefix, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= size:
+            return f"{value / size:.{digits}f} {prefix}"
+    return f"{value:.0f}"
 
 
 def count(tokens: int) -> str:
@@ -575,7 +847,8 @@ def table(report: dict[str, Any], shape_name: str) -> str:
                     fit_losses = f"{train:.3f} | {val:.3f}"
                 budget = f"{passes} pass" + ("es" if passes > 1 else "")
                 lines.append(
-                    f"| {budget} | {label} | `{first['groups']}` | {first['results']['params'] / 1e6:.2f}M | "
+                    f"| {budget} | {label} | {groups_label(first)} | "
+                    f"{first['results']['params'] / 1e6:.2f}M | "
                     f"{count(tokens)} | {spread(ppl, 2)} | {ratio} | "
                     f"{first['results']['kv_bytes_per_token']:,} | {speed} | {fit_losses} |"
                 )
@@ -595,9 +868,6 @@ def plot_curves(report: dict[str, Any], out: Path) -> Path:
 
     settings = report["settings"]
     shapes, budgets = list(settings["shapes"]), settings["passes"]
-    colours = dict(
-        zip(VARIANTS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
-    )
     fig, axes = plt.subplots(
         len(shapes), len(budgets), figsize=(5.5 * len(budgets), 4 * len(shapes)), dpi=90, squeeze=False
     )
@@ -616,7 +886,7 @@ def plot_curves(report: dict[str, Any], out: Path) -> Path:
                 x = [(offset + seen) / 1e6 for seen, _ in losses]
                 smoothed = moving_average([loss for _, loss in losses], 10)
                 first = run["seed"] == settings["seeds"][0]
-                colour = colours[run["variant"]]
+                colour = COLOURS[run["variant"]]
                 groups = "" if run["variant"] == "dense" else f" ({run['groups']})"
                 label = run["variant"] + groups if first else None
                 ax.plot(x, smoothed, color=colour, linewidth=0.9, alpha=0.8, label=label)
@@ -642,6 +912,102 @@ def plot_curves(report: dict[str, Any], out: Path) -> Path:
     return out
 
 
+def compute_table(report: dict[str, Any], shape_name: str) -> str:
+    """Markdown table of one shape's compute to reach the dense/AdamW final loss (``report["compute"]``)."""
+    lines = [
+        "| budget | variant | optimizer | groups | final val loss, mean (min–max) | training FLOPs | "
+        "training time (s) | FLOPs to reach dense's loss | / dense | per seed | time to reach (s) | "
+        "/ dense |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def number(value: float | None, digits: int) -> str:
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    for passes, budget in report["compute"].get(shape_name, {}).items():
+        for variant, figures in budget["variants"].items():
+            first = next(
+                run
+                for run in report["runs"]
+                if run["shape"] == shape_name and str(run["passes"]) == passes and run["variant"] == variant
+            )
+            per_seed = " / ".join(
+                si(value) if value else "not reached" for value in figures["flops_to_target_per_seed"]
+            )
+            reached = figures["flops_to_target"]
+            lines.append(
+                f"| {passes} pass{'es' if passes != '1' else ''} | {variant} | {first['optimizer']} | "
+                f"{groups_label(first)} | {spread(figures['final_val_loss'], 3)} | {si(figures['flops'])} | "
+                f"{number(figures['train_s'], 0)} | {si(reached) if reached else 'not reached'} | "
+                f"{number(figures['flops_to_target_vs_dense'], 3)} | {per_seed} | "
+                f"{number(figures['train_s_to_target'], 0)} | "
+                f"{number(figures['train_s_to_target_vs_dense'], 3)} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_compute(report: dict[str, Any], out: Path) -> Path:
+    """Validation loss against training FLOPs and against training seconds, one line per variant (the
+    seeds' mean, a marker per validation; each seed thin), a row per shape and budget; the dashed line is
+    the dense/AdamW runs' final loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        (shape, passes, budget)
+        for shape, budgets in report["compute"].items()
+        for passes, budget in budgets.items()
+    ]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 4.5 * len(rows)), dpi=90, squeeze=False)
+    for (shape_name, passes, budget), pair in zip(rows, axes, strict=True):
+        for ax, key, scale, unit in (
+            (pair[0], "flops", 1e12, "training FLOPs (10^12)"),
+            (pair[1], "train_s", 1, "training time (s)"),
+        ):
+            for variant, figures in budget["variants"].items():
+                colour = COLOURS[variant]
+                for run in report["runs"]:
+                    if (
+                        run["shape"] == shape_name
+                        and str(run["passes"]) == passes
+                        and run["variant"] == variant
+                    ):
+                        points = [p for p in run["results"]["curve"] if p[key] is not None]
+                        ax.plot(
+                            [p[key] / scale for p in points],
+                            [p["val_loss"] for p in points],
+                            color=colour,
+                            linewidth=0.6,
+                            alpha=0.35,
+                        )
+                points = [p for p in figures["curve"] if p[key] is not None]
+                ax.plot(
+                    [p[key] / scale for p in points],
+                    [p["val_loss"] for p in points],
+                    "o-",
+                    color=colour,
+                    linewidth=1.4,
+                    markersize=3,
+                    label=variant,
+                )
+            ax.axhline(budget["target_val_loss"], color="black", linestyle="--", linewidth=0.8)
+            ax.set_title(
+                f"{shape_name}: {passes} pass{'es' if passes != '1' else ''}; dashed: dense/AdamW final",
+                fontsize=10,
+            )
+            ax.set_xlabel(unit)
+            ax.set_ylabel("validation loss (nats/token)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
     """The study's block for docs: how it was run, then a table per shape."""
     settings = report["settings"]
@@ -654,7 +1020,8 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
         f"Measured with `{settings['command']}`: {len(report['runs'])} runs on {corpus}, "
         f"{settings['accelerator']} ({settings['precision']}, "
         f"{settings['threads_per_run'] or 'default'} thread(s) per run), seeds {settings['seeds']}, "
-        f"budgets of {settings['passes']} passes; wall time {report['wall_s'] / 60:.1f} min.",
+        f"budgets of {settings['passes']} passes, validated {settings['val_per_pass']} time(s) per pass, "
+        f"{settings['jobs']} run(s) at a time; wall time {report['wall_s'] / 60:.1f} min.",
     ]
     for name, shape in settings["shapes"].items():
         data = report["data"][name]
@@ -663,6 +1030,12 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
             f"{data['steps_per_pass']} steps over {data['samples'] * shape['seq_len']:,} of them (whole "
             f"samples); {data['val_tokens']:,} validation tokens.\n\n" + table(report, name)
         )
+        if report["compute"].get(name):
+            parts.append(
+                f"Compute to reach the dense/AdamW runs' final validation loss ({name}; FLOPs from "
+                "`sa_train.cost`, training time without validation and start-up):\n\n"
+                + compute_table(report, name)
+            )
         analysis = report["analysis"].get(name)
         if analysis and analysis.get("suggested"):
             suggested = analysis["suggested"]
@@ -694,27 +1067,41 @@ def rerender(out: Path, docs: Path | None, label: str) -> dict[str, Any]:
     if not path.is_file():
         raise StudyError(f"--report-only: no results.json in {out}; point --out at a study's folder.")
     report = json.loads(path.read_text(encoding="utf-8"))
+    settings = report["settings"]
     for run in report["runs"]:
         if "run_dir" in run["results"]:
             run["results"].update(read_fit(Path(run["results"]["run_dir"])))
+            if run["variant"] not in RETROFITS:
+                data = report["data"][run["shape"]]
+                stats = DataStats(data["train_tokens"], data["val_tokens"], data["samples"])
+                shape = Shape(**settings["shapes"][run["shape"]])
+                run["results"].update(
+                    from_scratch_figures(run, shape, stats, SCALES[settings["scale"]].log_every)
+                )
+    report["compute"] = compute_summary(report)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_outputs(report, out, docs, label)
     return report
 
 
 def write_outputs(report: dict[str, Any], out: Path, docs: Path | None, label: str) -> None:
-    """loss.png and table.md in ``out``; with ``docs``, the block labelled ``label`` in that file and the
-    PNGs beside it (the default CPU study's without a suffix, the others' with their label)."""
+    """loss.png, compute.png (with a dense run to compare against) and table.md in ``out``; with
+    ``docs``, the block labelled ``label`` in that file and the PNGs beside it (the default CPU study's
+    without a suffix, the others' with their label)."""
     loss = plot_curves(report, out / "loss.png")
+    compute = plot_compute(report, out / "compute.png") if report["compute"] else None
     similarity = sorted(out.glob("similarity-dense-*.png"))
     (out / "table.md").write_text(markdown(report, {}) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {loss}")
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {loss}" + (f", {compute}" if compute else ""))
     if docs is None:
         return
     suffix = "" if label == "cpu" else f"-{label}"
     images = {"loss curves": f"quality-loss{suffix}.png"}
     docs.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(loss, docs.parent / images["loss curves"])
+    if compute is not None:
+        images["validation loss against training compute"] = f"quality-compute{suffix}.png"
+        shutil.copyfile(compute, docs.parent / images["validation loss against training compute"])
     for png in similarity:
         name = png.stem.removeprefix("similarity-dense-")
         target = (
@@ -743,7 +1130,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="init seeds (1 2)")
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 3], help="data budgets in passes (1 3)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="(all)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(ISSUE12_VARIANTS), help="(issue 12's six)"
+    )
+    parser.add_argument(
+        "--val-per-pass", type=int, default=1, help="validations per pass, each on the whole val split (1)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1)")
     parser.add_argument("--steps", type=int, help="steps per 'pass' instead of a real pass (quick checks)")
     parser.add_argument("--lr", type=float, help="peak learning rate of every shape (the shape's own)")
     parser.add_argument("--threads", type=int, help="threads per run (cpu: 1, cuda: torch's default)")
@@ -772,6 +1165,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         (all(p >= 1 for p in args.passes), "--passes must be whole passes of at least 1"),
         (args.steps is None or args.steps >= 1, "--steps must be at least 1"),
         (args.threads is None or args.threads >= 1, "--threads must be at least 1"),
+        (args.val_per_pass >= 1, "--val-per-pass must be at least 1 (validations per pass)"),
+        (args.jobs >= 1, "--jobs must be at least 1"),
+        (
+            args.jobs == 1 or not args.smoke,
+            "--jobs: --smoke runs the CLI inside this process, one run at a time; drop --jobs",
+        ),
         (args.retrofit_fraction > 0, "--retrofit-fraction must be positive, e.g. 0.25 of a pass"),
         (0 < args.retrofit_lr_scale <= 1, "--retrofit-lr-scale must lie in (0, 1], e.g. 0.3"),
         (

@@ -1,5 +1,5 @@
 """scripts/quality_study.py end to end in its smoke mode: every variant, seed and budget is trained,
-converted or fine-tuned through the CLI, and the JSON, table, PNGs and docs block are written."""
+converted, switched or fine-tuned through the CLI, and the JSON, tables, PNGs and docs block are written."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
     out, docs = tmp_path / "study", tmp_path / "docs" / "quality.md"
     docs.parent.mkdir()
     docs.write_text("# Quality study\n\nProse written by hand.\n")
-    study.main(["--smoke", "--out", str(out), "--docs", str(docs)])
+    study.main(["--smoke", "--out", str(out), "--docs", str(docs), "--variants", *study.VARIANTS])
 
     report = json.loads((out / "results.json").read_text())
     runs = {(run["variant"], run["seed"], run["passes"]): run for run in report["runs"]}
@@ -45,6 +45,39 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
             assert math.isfinite(retrofit["results"]["val_ppl_converted"])
             assert retrofit["dense_tokens"] == runs[("dense", seed, 3)]["train_tokens"]
 
+    for seed in (1, 2):
+        dense, switched = runs[("dense", seed, 3)], runs[("switch-early", seed, 3)]
+        assert runs[("dense-muon", seed, 3)]["optimizer"] == "muon" and dense["optimizer"] == "adamw"
+        assert switched["switch_at"] == 2 and runs[("switch-late", seed, 3)]["switch_at"] == 4  # of 9 steps
+        assert (
+            switched["results"]["kv_bytes_per_token"]
+            == runs[("every4", seed, 3)]["results"]["kv_bytes_per_token"]
+        )
+        assert switched["results"]["params"] == runs[("every4", seed, 3)]["results"]["params"]
+        # One validation per pass, each placed at its FLOPs: dense before the switch (step 2), every:4 after.
+        dense_curve, switched_curve = dense["results"]["curve"], switched["results"]["curve"]
+        assert [point["step"] for point in switched_curve] == [3, 6, 9]
+        assert dense_curve[-1]["train_s"] > 0
+        per_token = dense_curve[0]["flops"] / dense_curve[0]["tokens"]
+        every4 = runs[("every4", seed, 3)]["results"]["curve"]
+        sa_per_token = every4[0]["flops"] / every4[0]["tokens"]
+        step_tokens = dense_curve[0]["tokens"] / 3
+        assert math.isclose(switched_curve[0]["flops"], step_tokens * (2 * per_token + sa_per_token))
+        assert (
+            every4[-1]["flops"]
+            < switched_curve[-1]["flops"]
+            < runs[("switch-late", seed, 3)]["results"]["curve"][-1]["flops"]
+            < dense_curve[-1]["flops"]
+        )
+
+    compute = report["compute"]["micro"]["3"]
+    dense_final = [runs[("dense", seed, 3)]["results"]["val_loss"] for seed in (1, 2)]
+    assert math.isclose(compute["target_val_loss"], sum(dense_final) / 2)
+    assert set(compute["variants"]) == set(study.VARIANTS) - set(study.RETROFITS)
+    assert compute["variants"]["dense"]["flops_to_target_vs_dense"] == 1
+    for variant, figures in compute["variants"].items():
+        assert len(figures["flops_to_target_per_seed"]) == 2 and len(figures["curve"]) == 3, variant
+
     table = (out / "table.md").read_text()
     for label in (
         "| dense |",
@@ -53,17 +86,35 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
         "| paper |",
         "retrofit, converted",
         "retrofit-unmatched, fine-tuned",
+        "| dense-muon |",
+        "`dense` → `every:4` after step 2",
+        "| 3 passes | switch-late | adamw |",
+        "FLOPs to reach dense's loss",
     ):
         assert label in table
     for png in (
         out / "loss.png",
+        out / "compute.png",
         docs.parent / "quality-loss-smoke.png",
+        docs.parent / "quality-compute-smoke.png",
         docs.parent / "quality-similarity-dense-smoke.png",
     ):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     text = docs.read_text()
     assert text.startswith("# Quality study\n\nProse written by hand.\n")
     assert text.count("<!-- quality-study:smoke -->") == 1 and "| 3 passes | paper |" in text
+
+
+def test_compute_to_reach_a_loss_is_interpolated_between_validations():
+    study = load_script()
+    curve = [
+        {"flops": 10.0, "train_s": 1.0, "val_loss": 6.0},
+        {"flops": 20.0, "train_s": 3.0, "val_loss": 5.0},
+        {"flops": 30.0, "train_s": None, "val_loss": 4.0},
+    ]
+    assert study.reach(curve, 5.5, "flops") == 15.0 and study.reach(curve, 5.5, "train_s") == 2.0
+    assert study.reach(curve, 6.5, "flops") == 10.0  # the first validation is already below
+    assert study.reach(curve, 4.5, "train_s") is None and study.reach(curve, 3.0, "flops") is None
 
 
 def test_docs_block_is_replaced_and_the_prose_around_it_kept(tmp_path):
