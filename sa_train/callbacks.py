@@ -19,10 +19,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from sa_train.checkpoint import (
     atomic_hardlink,
     link_resumed_run,
-    read_global_step,
     remove_stale_temp_files,
     warn_removed,
 )
+from sa_train.checkpoint_io import relink_last_checkpoint
 from sa_train.cost import cost_report, training_flops_per_token
 from sa_train.dtypes import DTYPES, precision_dtype
 from sa_train.errors import ConfigError
@@ -150,34 +150,6 @@ class LastStepCheckpoint(ModelCheckpoint):
             if match and path.is_file() and not path.is_symlink():
                 steps[path] = int(match["step"])
         return steps
-
-
-def relink_last_checkpoint(last: Path) -> None:
-    """If a checkpoint beside ``last.ckpt`` holds a later step, make it a hard link of the latest one.
-
-    A kill between writing a step checkpoint and rewriting ``last.ckpt`` leaves ``last.ckpt`` one save
-    behind; resuming from it would silently repeat that interval. The link is renamed over ``last``
-    atomically: no copy, and never a moment without a ``last.ckpt``.
-    """
-    last_name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-    if last.name != last_name or not last.is_file() or last.is_symlink():
-        return
-    steps = {
-        p: read_global_step(p)
-        for p in last.parent.glob("*.ckpt")
-        if p != last and p.is_file() and not p.is_symlink()
-    }
-    if not steps:
-        return
-    newest = max(steps, key=steps.__getitem__)
-    last_step = read_global_step(last)
-    if steps[newest] > last_step:
-        atomic_hardlink(newest, last)
-        warnings.warn(
-            f"{last} was at step {last_step}, behind {newest.name} (a kill between the two writes); it is "
-            f"now a link to {newest.name}, step {steps[newest]}.",
-            stacklevel=2,
-        )
 
 
 class TrainingThroughput(L.Callback):
