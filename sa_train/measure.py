@@ -3,9 +3,12 @@ the training callbacks, ``bench`` and the benchmark scripts."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,3 +138,44 @@ def machine_line(info: dict[str, Any]) -> str:
     """``machine: cpu (x86_64), 16 threads, torch 2.13.0`` (with the GPU's name on CUDA)."""
     where = f"{info['device']} ({info['gpu'] if 'gpu' in info else info['cpu']})"
     return f"machine: {where}, {info['threads']} threads, torch {info['torch']}"
+
+
+def measure_data_pipeline(
+    corpus: Path, batch: int, seq_len: int, train_seconds_per_step: float | None
+) -> dict[str, Any]:
+    """Tokenisation MB/s of ``corpus`` (JSON lines with a ``text`` field) with a BPE trained on it
+    (``prepare``'s own encoder), and the loader's cost per batch."""
+    from sa_train.data import TokenDataModule
+    from sa_train.data.shards import encode_documents
+
+    with gzip.open(corpus, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+    with tempfile.TemporaryDirectory() as cache:
+        data = TokenDataModule(source=str(corpus), seq_len=seq_len, batch_size=batch, cache_dir=cache)
+        start = time.perf_counter()
+        data.prepare_data()
+        prepare_seconds = time.perf_counter() - start
+        tokenizer_json = Path(data.tokenizer_path).read_text()
+        encode_documents({"text": texts[:1]}, tokenizer_json, 0)  # parses the tokenizer once, untimed
+        encode_times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            encode_documents({"text": texts}, tokenizer_json, 0)
+            encode_times.append(time.perf_counter() - start)
+        encode_seconds = statistics.median(encode_times)
+        data.setup()
+        loader = iter(data.train_dataloader())
+        next(loader)
+        count = 50
+        start = time.perf_counter()
+        for _ in range(count):
+            next(loader)
+        loader_seconds = (time.perf_counter() - start) / count
+    return {
+        "corpus_mb": megabytes,
+        "tokenise_mb_per_sec": megabytes / encode_seconds,
+        "prepare_seconds": prepare_seconds,
+        "loader_ms_per_batch": loader_seconds * 1e3,
+        "loader_share_of_step": loader_seconds / train_seconds_per_step if train_seconds_per_step else None,
+    }

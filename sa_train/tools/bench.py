@@ -17,10 +17,8 @@ Weights are random: speed does not depend on them. ``--json FILE`` writes every 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ from sa_train.measure import (
     interleaved,
     machine,
     machine_line,
+    measure_data_pipeline,
     peak_flops,
     spread,
     synchronize,
@@ -287,46 +286,6 @@ def decode_suite(
     return results
 
 
-def data_suite(train_seconds_per_step: float | None, batch: int, seq_len: int) -> dict[str, Any]:
-    """Tokenisation MB/s of the shipped corpus with a BPE trained on it (``prepare``'s own encoder), and
-    the loader's cost per batch."""
-    from sa_train.data import TokenDataModule
-
-    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
-    with tempfile.TemporaryDirectory() as cache:
-        data = TokenDataModule(source=str(SHIPPED_CORPUS), seq_len=seq_len, batch_size=batch, cache_dir=cache)
-        start = time.perf_counter()
-        data.prepare_data()
-        prepare_seconds = time.perf_counter() - start
-        from sa_train.data.shards import encode_documents
-
-        tokenizer_json = Path(data.tokenizer_path).read_text()
-        encode_documents({"text": texts[:1]}, tokenizer_json, 0)  # parses the tokenizer once, untimed
-        encode_times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            encode_documents({"text": texts}, tokenizer_json, 0)
-            encode_times.append(time.perf_counter() - start)
-        encode_seconds = statistics.median(encode_times)
-        data.setup()
-        loader = iter(data.train_dataloader())
-        next(loader)
-        count = 50
-        start = time.perf_counter()
-        for _ in range(count):
-            next(loader)
-        loader_seconds = (time.perf_counter() - start) / count
-    return {
-        "corpus_mb": megabytes,
-        "tokenise_mb_per_sec": megabytes / encode_seconds,
-        "prepare_seconds": prepare_seconds,
-        "loader_ms_per_batch": loader_seconds * 1e3,
-        "loader_share_of_step": loader_seconds / train_seconds_per_step if train_seconds_per_step else None,
-    }
-
-
 def format_report(report: dict[str, Any]) -> str:
     lines = [machine_line(report["machine"])]
     train = report.get("train")
@@ -426,7 +385,7 @@ def main(argv: Sequence[str]) -> None:
     if args.suite in ("data", "all"):
         train = report.get("train")
         step = batch * seq_len / train["sa"]["tokens_per_sec"] if train else None
-        report["data"] = data_suite(step, batch, seq_len)
+        report["data"] = measure_data_pipeline(SHIPPED_CORPUS, batch, seq_len, step)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
