@@ -21,6 +21,7 @@ from sa_train.cost import kv_cache_bytes_per_token
 from sa_train.dtypes import precision_dtype
 from sa_train.errors import ConfigError
 from sa_train.measure import measure_decode, measure_matmul_flops
+from sa_train.tools.plot import read_metrics
 from sa_train.training import CausalLM
 
 CONFIG = SAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=8, sa_groups="every:2")
@@ -63,42 +64,32 @@ def test_step_progress_bar_of_a_run_resumed_mid_epoch_counts_from_the_restored_s
     assert (progress.n, progress.total, progress.initial) == (7, 7, 4)  # the rate counts steps 5 to 7
 
 
-def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):
+def fit_with_throughput(tmp_path, steps: int, log_every: int, callback: TrainingThroughput) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=6,
+        max_steps=steps,
         logger=CSVLogger(tmp_path),
-        log_every_n_steps=1,
+        log_every_n_steps=log_every,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[TrainingThroughput(window=2)],
+        callbacks=[callback],
     )
-    trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(6))
-    logged = trainer.logged_metrics
+    trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(steps))
+    return trainer
+
+
+def test_throughput_logs_tokens_per_second_and_mfu_below_one(tmp_path):
+    logged = fit_with_throughput(tmp_path, 6, 1, TrainingThroughput(window=2)).logged_metrics
     assert logged["train/tokens_per_sec"] > 0 and 0 < logged["train/mfu"] < 1
     assert logged["train/device/tokens_per_sec"] == logged["train/tokens_per_sec"]  # one device
 
 
 def test_a_short_run_logs_throughput_from_its_first_half(tmp_path):
     """20 steps logged every 5 with the default window of 5 logging steps: no rate at all before."""
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=20,
-        logger=CSVLogger(tmp_path),
-        log_every_n_steps=5,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[TrainingThroughput()],
-    )
-    trainer.fit(CausalLM(CONFIG, warmup_steps=1), train_dataloaders=batches(20))
-    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    column, step = header.index("train/tokens_per_sec"), header.index("step")
-    logged = [int(row.split(",")[step]) for row in rows[1:] if row.split(",")[column]]
+    trainer = fit_with_throughput(tmp_path, 20, 5, TrainingThroughput())
+    logged = [step for step, _ in read_metrics(Path(trainer.logger.log_dir)).get("train/tokens_per_sec", [])]
     assert logged and logged[0] < 10, logged
 
 
