@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from sa_train.attention import AttentionBackend, get_backend
 from sa_train.cache import KVCache
 from sa_train.config import SAConfig
+from sa_train.embedding import TokenEmbedding
 from sa_train.errors import CheckpointError, ConfigError
 from sa_train.generation import Prompts, Sampling, generate
 
@@ -205,7 +206,7 @@ class SAModel(nn.Module):
     def __init__(self, config: SAConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = TokenEmbedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(
             Block(config, is_anchor=(layer == group[0])) for group in config.groups for layer in group
         )
