@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import tiny_run_config
+from test_cli import kill_module_when, tiny_run_config
 from test_distributed import (
+    LOSS_TOL,
     assert_bitwise_equal,
     checkpoints_every,
     final_weights,
@@ -113,3 +114,53 @@ def test_the_switch_waits_for_the_measured_similarity_and_takes_the_groups_of_th
     assert main(["validate", "--config", str(config), *measured, f"--ckpt_path={checkpoint}"]) == 0
     validated = list(csv.DictReader((checkpoint.parent.parent / "validate" / "metrics.csv").open()))
     assert float(validated[0]["val/loss"]) == list(column(metrics, "val/loss").values())[-1]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_after_its_switch_resumes_bitwise_and_trains_as_the_eager_one(
+    tmp_path, small_corpus
+):
+    """``compile: true`` with Muon and the switch at step 3, as a user runs it: SIGKILLed (the whole process
+    group) once step 5 is done, resumed from its step-4 checkpoint (the SA model's first), it ends on the
+    uninterrupted compiled run's weights bitwise. Every step's loss of the compiled run is the eager run's
+    to Muon's bf16 tolerance, so the compiled loss runs the SA model after the switch, not the dense one
+    its first graph was traced with."""
+    config = tiny_run_config(tmp_path, small_corpus)
+    switch = [*DENSE, "--model.sa_switch.at_step=3", "--model.sa_switch.groups=every:2", *quick()]
+    compiled = [*switch, "--model.compile=true"]
+    eager, full, killed = tmp_path / "eager", tmp_path / "full", tmp_path / "killed"
+    assert main(["fit", "--config", str(config), *switch, *recording_losses(eager / "losses.json")]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                *compiled,
+                *checkpoints_every(full, 4),
+                *recording_losses(full / "losses.json"),
+            ]
+        )
+        == 0
+    )
+    marker = tmp_path / "step"
+    kill_module_when(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *compiled,
+            *checkpoints_every(killed, 2),
+            "--trainer.callbacks+=distributed_helpers.StepMarker",
+            f"--trainer.callbacks.path={marker}",
+        ],
+        tmp_path,
+        lambda: marker.exists() and int(marker.read_text() or 0) >= 5,
+        timeout=400,
+    )
+    assert (killed / "step=4.ckpt").exists() and not (killed / "step=6.ckpt").exists()
+    resumed = [*compiled, *checkpoints_every(killed, 2), f"--ckpt_path={killed / 'step=4.ckpt'}"]
+    assert main(["fit", "--config", str(config), *resumed]) == 0
+
+    assert_bitwise_equal(final_weights(killed / "step=8.ckpt"), final_weights(full / "step=8.ckpt"))
+    assert losses(full / "losses.json") == pytest.approx(losses(eager / "losses.json"), abs=LOSS_TOL)
