@@ -23,7 +23,8 @@ from sa_train.checkpoint import (
     warn_removed,
 )
 from sa_train.checkpoint_io import relink_last_checkpoint
-from sa_train.cost import cost_report, training_flops_per_token
+from sa_train.config import SAConfig
+from sa_train.cost import cost_lines, cost_metrics, cost_report, training_flops_per_token
 from sa_train.dtypes import DTYPES, precision_dtype
 from sa_train.errors import ConfigError
 from sa_train.measure import measure_decode, measure_matmul_flops, synchronize
@@ -262,33 +263,26 @@ class InferenceCost(L.Callback):
             prompt_len,
             new_tokens,
         )
+        self._reported: SAConfig | None = None  # the model config whose costs were logged last
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        config = pl_module.config
+        self._report(trainer, pl_module, step=0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """``model.sa_switch`` replaced the model: its costs, logged at the switch step."""
+        if pl_module.config is not self._reported:
+            self._report(trainer, pl_module, step=pl_module.switched_at or trainer.global_step)
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        config = self._reported = pl_module.config
         seq_len = getattr(trainer.datamodule, "seq_len", None) or config.max_seq_len
-        dtype = precision_dtype(trainer.precision)
-        report = cost_report(config, seq_len, config.max_seq_len, dtype)
-        sa, dense = report["sa"], report["dense_twin"]
-        metrics = {
-            "cost/params": sa["params"],
-            "cost/kv_bytes_per_token": sa["kv_cache_bytes_per_token"],
-            "cost/kv_vs_dense": report["savings"]["kv_cache_sa_over_dense"],
-            "cost/decode_flops_per_token": sa["decode_flops_per_token"],
-            "cost/decode_flops_vs_dense": sa["decode_flops_per_token"] / dense["decode_flops_per_token"],
-            "cost/train_flops_per_token": sa["train_flops_per_token"],
-            "cost/train_flops_vs_dense": sa["train_flops_per_token"] / dense["train_flops_per_token"],
-        }
+        report = cost_report(config, seq_len, config.max_seq_len, precision_dtype(trainer.precision))
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=0)
-        rank_zero_info(
-            f"Model: {sa['params']:,} parameters ({sa['non_embedding_params']:,} without embeddings), "
-            f"{config.n_layers} layers in {len(config.groups)} attention groups {config.groups}.\n"
-            f"Inference cost: KV cache {sa['kv_cache_vectors_per_token']} vectors/token "
-            f"({sa['kv_cache_bytes_per_token']} B in {dtype}, "
-            f"{metrics['cost/kv_vs_dense']:.3f} of the dense twin); "
-            f"decode {metrics['cost/decode_flops_vs_dense']:.3f} and training "
-            f"{metrics['cost/train_flops_vs_dense']:.3f} of the dense twin's FLOPs per token."
-        )
+            logger.log_metrics(cost_metrics(report), step=step)
+        rank_zero_info(f"Model{f' from step {step}' if step else ''}: {cost_lines(config, report)}")
+        switch = getattr(pl_module, "sa_switch", None)
+        if switch is not None and pl_module.switched_at is None:
+            rank_zero_info(f"model.sa_switch: {switch.plan()}; the SA model's costs follow at the switch.")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.measure or trainer.sanity_checking or not trainer.is_global_zero:

@@ -120,3 +120,31 @@ def cost_report(
             "kv_cache_sa_over_dense": sa["kv_cache_bytes_per_token"] / dense["kv_cache_bytes_per_token"],
         },
     }
+
+
+def cost_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The ``cost/*`` metrics of a :func:`cost_report` that ``InferenceCost`` logs."""
+    sa, dense = report["sa"], report["dense_twin"]
+    return {
+        "cost/params": sa["params"],
+        "cost/kv_bytes_per_token": sa["kv_cache_bytes_per_token"],
+        "cost/kv_vs_dense": report["savings"]["kv_cache_sa_over_dense"],
+        "cost/decode_flops_per_token": sa["decode_flops_per_token"],
+        "cost/decode_flops_vs_dense": sa["decode_flops_per_token"] / dense["decode_flops_per_token"],
+        "cost/train_flops_per_token": sa["train_flops_per_token"],
+        "cost/train_flops_vs_dense": sa["train_flops_per_token"] / dense["train_flops_per_token"],
+    }
+
+
+def cost_lines(config: SAConfig, report: dict[str, Any]) -> str:
+    """The model and inference-cost lines a run prints for ``config`` (its :func:`cost_report`)."""
+    sa, metrics = report["sa"], cost_metrics(report)
+    return (
+        f"{sa['params']:,} parameters ({sa['non_embedding_params']:,} without embeddings), "
+        f"{config.n_layers} layers in {len(config.groups)} attention groups {config.groups}.\n"
+        f"Inference cost: KV cache {sa['kv_cache_vectors_per_token']} vectors/token "
+        f"({sa['kv_cache_bytes_per_token']} B in {report['settings']['dtype']}, "
+        f"{metrics['cost/kv_vs_dense']:.3f} of the dense twin); "
+        f"decode {metrics['cost/decode_flops_vs_dense']:.3f} and training "
+        f"{metrics['cost/train_flops_vs_dense']:.3f} of the dense twin's FLOPs per token."
+    )

@@ -118,6 +118,16 @@ class SASwitch:
                     "give groups that share attention, e.g. every:2."
                 )
 
+    def plan(self) -> str:
+        """When and into what the run switches, in words."""
+        target = self.groups or f"the groups of a KV budget of {self.kv_budget} of dense"
+        if self.similarity is None:
+            return f"dense for {self.at_step} steps, then {target}"
+        return (
+            f"dense for at least {self.at_step} steps, until neighbouring layers' attention similarity "
+            f"reaches {self.similarity} (measured every {self.every_n_steps} steps), then {target}"
+        )
+
     def due(self, step: int) -> bool:
         """Whether the start of the step after ``step`` steps decides (a switch or a measurement)."""
         assert self.at_step is not None

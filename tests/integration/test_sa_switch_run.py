@@ -40,9 +40,9 @@ def groups_logged(rows: list[dict[str, str]], n_layers: int) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_a_run_resumed_across_its_switch_is_bitwise_the_uninterrupted_one(tmp_path, small_corpus):
-    """Dense for 3 steps, then SA groups of 2 with heads matched, Muon and AdamW carried over. Runs resumed
-    from the step-6 checkpoint (SA) and from the step-2 one (dense: it switches after its resume) end on the
-    uninterrupted run's weights and losses."""
+    """Dense for 3 steps, then SA groups of 2 with heads matched, Muon and AdamW carried over; the cost
+    metrics describe each model from its first step. Runs resumed from the step-6 checkpoint (SA) and from
+    the step-2 one (dense: it switches after its resume) end on the uninterrupted run's weights and losses."""
     config = tiny_run_config(tmp_path, small_corpus)
     switch = [*DENSE, "--model.sa_switch.at_step=3", "--model.sa_switch.groups=every:2", *quick()]
     full, after, before = tmp_path / "full", tmp_path / "after", tmp_path / "before"
@@ -50,7 +50,8 @@ def test_a_run_resumed_across_its_switch_is_bitwise_the_uninterrupted_one(tmp_pa
     def fit(*args: str) -> None:
         assert main(["fit", "--config", str(config), *switch, *args]) == 0
 
-    fit(*checkpoints_every(full, 2), *recording_losses(full / "losses.json"))
+    costs = ["--trainer.callbacks+=sa_train.callbacks.InferenceCost", "--trainer.callbacks.measure=false"]
+    fit(*checkpoints_every(full, 2), *recording_losses(full / "losses.json"), *costs)
     fit(
         *checkpoints_every(after, 2),
         *recording_losses(after / "losses.json"),
@@ -65,6 +66,7 @@ def test_a_run_resumed_across_its_switch_is_bitwise_the_uninterrupted_one(tmp_pa
     metrics = rows(tmp_path, 0)
     assert column(metrics, "sa_switch/step") == {3: 3.0}
     assert groups_logged(metrics, 4) == [[0, 1], [2, 3]]
+    assert column(metrics, "cost/kv_vs_dense") == {0: 1.0, 3: 0.75}  # the dense model's, then the SA one's
     assert SAModel.from_checkpoint(full / "step=2.ckpt").config.groups == [[0], [1], [2], [3]]
     assert SAModel.from_checkpoint(full / "step=4.ckpt").config.groups == [[0, 1], [2, 3]]
     assert not column(rows(tmp_path, 1), "sa_switch/step")  # resumed past the switch: no second one
