@@ -180,6 +180,13 @@ class SACLI(LightningCLI):
         resumes, point a ``last.ckpt`` that a kill left one save behind at the newest checkpoint."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit" and not self.config["fit"].get("config"):
+            raise ConfigError(
+                "fit needs --config FILE: without one it would train the built-in dense default with no "
+                "step limit and no logger. Start from a shipped config and override what differs, e.g. "
+                "`python -m sa_train fit --config configs/sa-tiny.yaml` (CPU, minutes) or "
+                "configs/sa-350m.yaml (GPUs)."
+            )
         check_sections(
             self.config[subcommand] if subcommand else self.config,
             ("model", "model.config", "data", "trainer"),

@@ -414,6 +414,7 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
         "has no attribute 'NoSuch'",
     ),
     ("seed", lambda d, c: ["fit", f"--config={c}", "--seed_everything=abc"], "seed_everything=abc"),
+    ("no-config", lambda d, c: ["fit", "--trainer.max_steps=3"], "fit needs --config FILE"),
     (
         "sa_switch-out-of-range",
         lambda d, c: [
