@@ -234,7 +234,7 @@ class InferenceCost(L.Callback):
     At fit start (step 0): ``cost/kv_bytes_per_token``, ``cost/kv_vs_dense`` ((L + anchors) / 2L),
     ``cost/decode_flops_per_token``, ``cost/decode_flops_vs_dense``, ``cost/train_flops_per_token``,
     ``cost/train_flops_vs_dense`` and ``cost/params``; the same line goes to the console once.
-    At each validation end: greedy decoding of a fixed random batch through the model's KV cache,
+    At each validation's end: greedy decoding of a fixed random batch through the model's KV cache,
     ``cost/decode_tokens_per_sec`` (new tokens, prefill excluded), ``cost/prefill_ms`` and
     ``cost/kv_cache_bytes`` (the bytes the cache holds for that batch), on the first rank; not under
     DeepSpeed ZeRO-3, whose ranks each hold a shard of the weights.
@@ -284,15 +284,15 @@ class InferenceCost(L.Callback):
         if switch is not None and pl_module.switched_at is None:
             rank_zero_info(f"model.sa_switch: {switch.plan()}; the SA model's costs follow at the switch.")
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Logged through the module with the validation's own metrics, so they share its row and step."""
         if not self.measure or trainer.sanity_checking or not trainer.is_global_zero:
             return
         if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
             return  # ZeRO-3 shards the weights across ranks, so a lone rank cannot decode; 1 and 2 do not
         with trainer.precision_plugin.forward_context():
             metrics = measure_decode(pl_module.model, self.batch_size, self.prompt_len, self.new_tokens)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        pl_module.log_dict(metrics, rank_zero_only=True)
 
 
 class StepProgressBar(TQDMProgressBar):

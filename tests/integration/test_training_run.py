@@ -13,6 +13,7 @@ from test_cli import run_cli, run_module, tiny_run_config
 from torch._dynamo.utils import counters
 
 from sa_train import SAModel
+from sa_train.tools.plot import read_metrics
 
 
 def metrics(tmp_path, key: str) -> list[float]:
@@ -106,7 +107,9 @@ def test_fit_logs_perplexity_cost_and_throughput_to_csv_and_offline_wandb(tmp_pa
     assert metrics(tmp_path, "cost/kv_vs_dense") == [(4 + 2) / (2 * 4)]  # 4 layers, groups of 2
     assert all(rate > 0 for rate in metrics(tmp_path, "train/tokens_per_sec"))
     assert all(0 < mfu < 1 for mfu in metrics(tmp_path, "train/mfu"))
-    assert len(metrics(tmp_path, "cost/decode_tokens_per_sec")) == 2  # at each validation end
+    logged = read_metrics(tmp_path / "runs" / "tiny" / "version_0")
+    validated = [step for step, _ in logged["val/loss"]]
+    assert [step for step, _ in logged["cost/decode_tokens_per_sec"]] == validated  # in each validation's row
     # 4 rows of 32 prompt + 32 new tokens; 6 vectors of 2 kv heads x 16 per token, fp32
     assert metrics(tmp_path, "cost/kv_cache_bytes") == [4 * 64 * 6 * 2 * 16 * 4] * 2
     (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
