@@ -19,12 +19,14 @@ Whoever holds the lock first removes what a killed build left (temp files, the `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -186,7 +188,7 @@ def _write_shard(path: str, ids: pa.ChunkedArray, dtype: np.dtype, split: str) -
     chunk, never the split's whole token stream; returns the shard's SHA-256."""
     tmp = _tmp_name(path)
     with open(tmp, "wb") as out:
-        for chunk in tqdm(ids.chunks, desc=f"Writing {split}.bin", unit="chunk"):
+        for chunk in tqdm(ids.chunks, desc=f"Writing {split}.bin", unit="chunk", disable=None):
             out.write(chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).tobytes())
         out.flush()
         os.fsync(out.fileno())
@@ -228,7 +230,28 @@ def remove_build_leftovers(folder: str) -> None:
             os.remove(os.path.join(folder, name))
 
 
+@contextlib.contextmanager
+def _bars_only_on_a_terminal() -> Iterator[None]:
+    """datasets' progress bars while stderr is a terminal, none in a log: there a tiny corpus's build
+    wrote eight bars (loading, filtering, tokenising and writing each split), each as its 0% and 100%
+    lines, where the one summary line the build ends with says what happened."""
+    if sys.stderr.isatty() or not datasets.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCache:
+    """:func:`_build_cache`, with progress bars only on a terminal."""
+    with _bars_only_on_a_terminal():
+        return _build_cache(folder, spec, num_proc)
+
+
+def _build_cache(folder: str, spec: CorpusSpec, num_proc: int | None) -> ShardCache:
     """Load, split, obtain the tokenizer, tokenise and write the shards and manifest into ``folder``.
 
     The caller holds the folder's lock and has removed a killed build's leftovers (:func:`ensure_cache`);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 
 import datasets
@@ -81,7 +82,7 @@ def train_bpe(train_docs: datasets.Dataset, vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=sys.stderr.isatty(),  # in a log its bars were blank lines
     )
     tokenizer.train_from_iterator(_text_batches(train_docs), trainer=trainer, length=len(train_docs))
     return tokenizer

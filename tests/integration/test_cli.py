@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -220,8 +221,10 @@ def test_empty_corpus_is_a_clear_error(tmp_path, capsys):
 
 def test_prepare_builds_the_cache_fit_then_reuses(tmp_path, small_corpus, capsys):
     config = tiny_run_config(tmp_path, small_corpus)
-    code, _, err = run_cli(["prepare", "--config", str(config)], capsys)
+    code, out, err = run_cli(["prepare", "--config", str(config)], capsys)
     assert code == 0, err
+    assert "%|" not in err and not out.startswith("\n")  # no progress bars in a log, only the summary line
+    assert re.match(r"Token cache written to .*: train [\d,]+ tokens", out)
     manifests = list((tmp_path / "cache").rglob("manifest.json"))
     assert len(manifests) == 1
 
