@@ -16,12 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from sa_train.checkpoint import (
-    atomic_hardlink,
-    link_resumed_run,
-    remove_stale_temp_files,
-    warn_removed,
-)
+from sa_train.atomic_files import atomic_hardlink, remove_stale_temp_files, warn_removed
+from sa_train.checkpoint import link_resumed_run
 from sa_train.checkpoint_io import relink_last_checkpoint
 from sa_train.config import SAConfig
 from sa_train.cost import cost_lines, cost_metrics, cost_report, training_flops_per_token

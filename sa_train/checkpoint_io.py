@@ -16,7 +16,8 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from sa_train.checkpoint import atomic_hardlink, atomic_torch_save, read_global_step
+from sa_train.atomic_files import atomic_hardlink, atomic_torch_save
+from sa_train.checkpoint import read_global_step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -26,9 +26,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+from sa_train.atomic_files import remove_stale_temp_files, warn_removed
 from sa_train.callbacks import LastStepCheckpoint, StepProgressBar
 from sa_train.checkpoint import ModelCheckpoint as SavedModel
-from sa_train.checkpoint import read_checkpoint, remove_stale_temp_files, warn_removed
+from sa_train.checkpoint import read_checkpoint
 from sa_train.checkpoint_io import AtomicCheckpointIO, relink_last_checkpoint
 from sa_train.config import SAConfig
 from sa_train.data import TokenDataModule

@@ -30,15 +30,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sa_train.checkpoint import (
-    ModelCheckpoint,
+from sa_train.atomic_files import (
     disk_full_error,
     is_disk_full,
-    read_checkpoint,
     remove_stale_temp_files,
     tensor_bytes,
     writer_path,
 )
+from sa_train.checkpoint import ModelCheckpoint, read_checkpoint
 from sa_train.config import SAConfig
 from sa_train.dtypes import DTYPES
 from sa_train.errors import CheckpointError, ConfigError

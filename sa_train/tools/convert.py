@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from sa_train.analysis import attention_maps, batches_of
-from sa_train.checkpoint import atomic_torch_save, model_checkpoint, read_checkpoint
+from sa_train.atomic_files import atomic_torch_save
+from sa_train.checkpoint import model_checkpoint, read_checkpoint
 from sa_train.config import ARCHITECTURE_FIELDS, SAConfig
 from sa_train.convert import convert_to_sa
 from sa_train.cost import kv_fraction

@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import model_checkpoint, writer_path
+from sa_train.atomic_files import writer_path
+from sa_train.checkpoint import model_checkpoint
 from sa_train.data.tokenizer import train_bpe
 from sa_train.errors import DiskFullError
 from sa_train.export.writer import export_checkpoint

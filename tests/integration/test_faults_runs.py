@@ -18,7 +18,7 @@ import torch
 import yaml
 from test_cli import ROOT, run_cli, run_modules_together, tiny_run_config
 
-from sa_train.checkpoint import FOREIGN_STALE_SECONDS, atomic_torch_save, writer_path
+from sa_train.atomic_files import FOREIGN_STALE_SECONDS, atomic_torch_save, writer_path
 from sa_train.errors import DiskFullError
 from sa_train.run_folders import claim_version
 

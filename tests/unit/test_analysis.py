@@ -17,7 +17,8 @@ from sa_train.analysis import (
     similarity,
     suggest_groups,
 )
-from sa_train.checkpoint import add_model_entries, atomic_torch_save
+from sa_train.atomic_files import atomic_torch_save
+from sa_train.checkpoint import add_model_entries
 from sa_train.cli import main
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sa_train import SAConfig, SAModel
-from sa_train.checkpoint import MODEL_PREFIX, atomic_torch_save, model_checkpoint, read_checkpoint
+from sa_train.atomic_files import atomic_torch_save
+from sa_train.checkpoint import MODEL_PREFIX, model_checkpoint, read_checkpoint
 from sa_train.errors import CheckpointError
 from sa_train.training import CausalLM
 

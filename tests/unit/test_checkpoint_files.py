@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sa_train.atomic_files import atomic_hardlink, atomic_torch_save, remove_stale_temp_files
 from sa_train.callbacks import LastStepCheckpoint
-from sa_train.checkpoint import atomic_hardlink, atomic_torch_save, remove_stale_temp_files
 from sa_train.checkpoint_io import relink_last_checkpoint
 
 
