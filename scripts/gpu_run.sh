@@ -5,9 +5,9 @@
 #   bash scripts/gpu_run.sh --dry-run OUTDIR   # the same steps on CPU at tiny shapes, in CI
 #
 # tests/gpu, the kernels against flash SDPA, 350M training throughput, `fit` of both 350M configs and
-# the decode benchmark, each time-boxed; OUTDIR gets summary.json and one log per step. The steps and
-# their options are in scripts/gpu_run.py (its docstring says how to fetch the wheels the GPU machine
-# lacks into .gpu_wheels/). A hard cap (GPU_RUN_HARD_LIMIT seconds, 570) stops the whole run even if the
+# the decode benchmark, each time-boxed; OUTDIR gets summary.json and one log per step. The run is
+# scripts/gpu_run.py and its steps scripts/gpu_run_steps.py (gpu_run.py's docstring says how to fetch
+# the wheels the GPU machine lacks into .gpu_wheels/). A hard cap (GPU_RUN_HARD_LIMIT seconds, 570) stops the whole run even if the
 # driver itself hangs; the summary is written after every step, so what ran is kept.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -19,7 +19,9 @@ SCRIPT = ROOT / "scripts" / "gpu_run.py"
 STEPS = ["prepare", "gpu_tests", "kernels", "training", "fit_dense", "fit_sa", "decode"]
 
 
-def load_script():
+def load_script(monkeypatch):
+    """The entry as a module; its sibling modules (gpu_run_steps, gpu_run_env) import from scripts/."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("gpu_run", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -81,8 +83,8 @@ def test_dry_run_runs_every_step_and_summarises_finite_figures(tmp_path):
     assert not (tmp_path / "work" / "runs" / "fit-sa" / "version_0" / "checkpoints").exists()
 
 
-def test_a_failing_or_overrunning_step_is_recorded_and_the_next_still_runs(tmp_path):
-    gpu_run = load_script()
+def test_a_failing_or_overrunning_step_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
+    gpu_run = load_script(monkeypatch)
     ctx = gpu_run.Context(tmp_path, tmp_path, True, {"PATH": "/usr/bin:/bin"}, time.monotonic() + 60, {})
 
     def no_figures(ctx, record):

@@ -3,26 +3,23 @@ converted, switched or fine-tuned through the CLI, and the JSON, tables, PNGs an
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "quality_study.py"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def load_script():
-    """The script as a module; registered in sys.modules first, as its dataclasses need."""
-    spec = importlib.util.spec_from_file_location("quality_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def load(name, monkeypatch):
+    """``scripts/<name>.py`` as a module, with scripts/ on sys.path as ``python scripts/quality_study.py``
+    has it: the script and its quality_*.py modules import each other by name."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    return importlib.import_module(name)
 
 
-def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
-    study = load_script()
+def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path, monkeypatch):
+    study, config = load("quality_study", monkeypatch), load("quality_config", monkeypatch)
     out, docs = tmp_path / "study", tmp_path / "docs" / "quality.md"
     docs.parent.mkdir()
     docs.write_text("# Quality study\n\nProse written by hand.\n")
@@ -30,11 +27,13 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
     # retrofits) took 49–61 s on a loaded 2-core machine (user CPU 49–52 s against 39 s for the six issue-12
     # variants at 1 and 3 passes of 3 steps); 1 and 3 passes of 3 steps for all ten took 67 s (57 s).
     args = ["--smoke", "--steps", "2", "--passes", "1", "2", "--out", str(out), "--docs", str(docs)]
-    study.main([*args, "--variants", *study.VARIANTS])
+    study.main([*args, "--variants", *config.VARIANTS])
 
     report = json.loads((out / "results.json").read_text())
     runs = {(run["variant"], run["seed"], run["passes"]): run for run in report["runs"]}
-    expected = {(variant, seed, passes) for variant in study.VARIANTS for seed in (1, 2) for passes in (1, 2)}
+    expected = {
+        (variant, seed, passes) for variant in config.VARIANTS for seed in (1, 2) for passes in (1, 2)
+    }
     assert set(runs) == expected
     for key, run in runs.items():
         results = run["results"]
@@ -77,7 +76,7 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
     compute = report["compute"]["micro"]["2"]
     dense_final = [runs[("dense", seed, 2)]["results"]["val_loss"] for seed in (1, 2)]
     assert math.isclose(compute["target_val_loss"], sum(dense_final) / 2)
-    assert set(compute["variants"]) == set(study.VARIANTS) - set(study.RETROFITS)
+    assert set(compute["variants"]) == set(config.VARIANTS) - set(config.RETROFITS)
     assert compute["variants"]["dense"]["flops_to_target_vs_dense"] == 1
     for variant, figures in compute["variants"].items():
         assert len(figures["flops_to_target_per_seed"]) == 2 and len(figures["curve"]) == 2, variant
@@ -109,26 +108,26 @@ def test_smoke_study_covers_every_variant_seed_and_budget(tmp_path):
     assert text.count("<!-- quality-study:smoke -->") == 1 and "| 2 passes | paper |" in text
 
 
-def test_compute_to_reach_a_loss_is_interpolated_between_validations():
-    study = load_script()
+def test_compute_to_reach_a_loss_is_interpolated_between_validations(monkeypatch):
+    metrics = load("quality_metrics", monkeypatch)
     curve = [
         {"flops": 10.0, "train_s": 1.0, "val_loss": 6.0},
         {"flops": 20.0, "train_s": 3.0, "val_loss": 5.0},
         {"flops": 30.0, "train_s": None, "val_loss": 4.0},
     ]
-    assert study.reach(curve, 5.5, "flops") == 15.0 and study.reach(curve, 5.5, "train_s") == 2.0
-    assert study.reach(curve, 6.5, "flops") == 10.0  # the first validation is already below
-    assert study.reach(curve, 4.5, "train_s") is None and study.reach(curve, 3.0, "flops") is None
+    assert metrics.reach(curve, 5.5, "flops") == 15.0 and metrics.reach(curve, 5.5, "train_s") == 2.0
+    assert metrics.reach(curve, 6.5, "flops") == 10.0  # the first validation is already below
+    assert metrics.reach(curve, 4.5, "train_s") is None and metrics.reach(curve, 3.0, "flops") is None
 
 
-def test_docs_block_is_replaced_and_the_prose_around_it_kept(tmp_path):
-    study = load_script()
+def test_docs_block_is_replaced_and_the_prose_around_it_kept(tmp_path, monkeypatch):
+    report = load("quality_report", monkeypatch)
     docs = tmp_path / "quality.md"
     docs.write_text("# Title\n\nBefore.\n")
-    study.update_docs(docs, "cpu", "first table")
+    report.update_docs(docs, "cpu", "first table")
     docs.write_text(docs.read_text() + "\nAfter.\n")
-    study.update_docs(docs, "cpu", "second table")
-    study.update_docs(docs, "cuda", "gpu table")
+    report.update_docs(docs, "cpu", "second table")
+    report.update_docs(docs, "cuda", "gpu table")
     text = docs.read_text()
     assert "first table" not in text and text.count("second table") == 1
     assert text.index("Before.") < text.index("second table") < text.index("After.") < text.index("gpu table")
