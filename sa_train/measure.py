@@ -122,12 +122,25 @@ def write_profile(folder: Path | None, name: str, device: torch.device, call: Ca
     profiler.export_chrome_trace(str(folder / f"{name}.json"))
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it (``platform.processor()`` is empty there), else its
+    architecture: two studies of one code on two machines differed by more than their seeds did."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     info = {
         "device": device.type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -128,6 +128,14 @@ def compute_table(report: dict[str, Any], shape_name: str) -> str:
     return "\n".join(lines)
 
 
+def environment_words(environment: dict[str, str] | None) -> str:
+    """`` On <cpu>, torch <version>, ...`` (studies before 2026-12-06 recorded none)."""
+    if not environment:
+        return ""
+    versions = ", ".join(f"{name} {value}" for name, value in environment.items() if name != "cpu")
+    return f" On {environment['cpu']}: {versions}."
+
+
 def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
     """The study's block for docs: how it was run, then a table per shape."""
     settings = report["settings"]
@@ -141,7 +149,8 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
         f"{settings['accelerator']} ({settings['precision']}, "
         f"{settings['threads_per_run'] or 'default'} thread(s) per run), seeds {settings['seeds']}, "
         f"budgets of {settings['passes']} passes, validated {settings['val_per_pass']} time(s) per pass, "
-        f"{settings['jobs']} run(s) at a time; wall time {report['wall_s'] / 60:.1f} min.",
+        f"{settings['jobs']} run(s) at a time; wall time {report['wall_s'] / 60:.1f} min."
+        + environment_words(settings.get("environment")),
     ]
     for name, shape in settings["shapes"].items():
         data = report["data"][name]

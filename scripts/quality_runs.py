@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -281,6 +282,7 @@ class Study:
                 "accelerator": self.scale.accelerator,
                 "precision": self.scale.precision,
                 "shapes": {name: asdict(self.shape(name)) for name in self.scale.shapes},
+                "environment": environment(),
             },
             "data": {
                 name: {**asdict(stats), "steps_per_pass": stats.steps_per_pass(self.shape(name).batch_size)}
@@ -293,6 +295,18 @@ class Study:
         report["compute"] = compute_summary(report)
         (self.out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return report
+
+
+def environment() -> dict[str, str]:
+    """Where the study ran: the CPU and the versions that decide the rounding. The same code and seed gave
+    a dense run's perplexity 349 (seed mean) on 2026-11-26 and 329 ten days later on reinstalled packages,
+    so results from two environments are not compared as if one."""
+    from importlib.metadata import version
+
+    from sa_train.measure import cpu_name
+
+    packages = ("torch", "lightning", "tokenizers", "datasets", "numpy")
+    return {"cpu": cpu_name(), "python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
 class Progress:
