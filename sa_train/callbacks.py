@@ -229,7 +229,8 @@ class InferenceCost(L.Callback):
 
     At fit start (step 0): ``cost/kv_bytes_per_token``, ``cost/kv_vs_dense`` ((L + anchors) / 2L),
     ``cost/decode_flops_per_token``, ``cost/decode_flops_vs_dense``, ``cost/train_flops_per_token``,
-    ``cost/train_flops_vs_dense`` and ``cost/params``; the same line goes to the console once.
+    ``cost/train_flops_vs_dense`` and ``cost/params``; the same line goes to the console once. After a
+    ``model.sa_switch``, the SA model's, at the switch step.
     At each validation's end: greedy decoding of a fixed random batch through the model's KV cache,
     ``cost/decode_tokens_per_sec`` (new tokens, prefill excluded), ``cost/prefill_ms`` and
     ``cost/kv_cache_bytes`` (the bytes the cache holds for that batch), on the first rank; not under

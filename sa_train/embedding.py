@@ -6,9 +6,10 @@ a different order from run to run. Measured on this 2-core CPU with ``compile: t
 threads): one backward in five gave another ``embed.weight`` gradient, and a run resumed from its step-4
 checkpoint ended 1.2e-7 away from the uninterrupted one, where eager runs are bitwise. Here the lookup and
 its backward are custom operators, which Inductor calls as they are instead of decomposing: the backward
-is ATen's ``embedding_dense_backward``, which sums each token's rows in a fixed order on CPU and CUDA.
-Compiled training keeps everything else fused; what it gives up is fusing the row gather into the first
-norm.
+is ATen's ``embedding_dense_backward``, eager PyTorch's own, which sums each token's rows in a fixed order
+(measured here on CPU; on CUDA it is not among the operations PyTorch lists as nondeterministic, but no GPU
+has run this yet). Compiled training keeps everything else fused; what it gives up is fusing the row gather
+into the first norm.
 """
 
 from __future__ import annotations
