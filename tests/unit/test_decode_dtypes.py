@@ -156,7 +156,8 @@ def test_the_decode_bench_runs_under_the_autocast_it_uses_on_gpu(monkeypatch):
 
 def test_the_triton_decode_kernel_takes_the_autocast_cache():
     """The grouped decode kernel (Triton interpreter) reads an fp16 cache under autocast. bf16 cannot be
-    checked here (the interpreter multiplies bf16 bit patterns, see test_kernels); tests/gpu covers it."""
+    checked here (the interpreter multiplies bf16 bit patterns, see test_kernels_tiles); tests/gpu covers
+    it."""
     from sa_train import kernels
 
     if not kernels.is_available():
