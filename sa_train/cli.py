@@ -93,6 +93,13 @@ def _quiet_upstream_noise() -> None:
     # Batches are slices of memmapped token shards: one of 16 x 256 tokens takes ~0.3 ms to read on this
     # 2-core machine, so worker processes are optional (data.num_workers), not a bottleneck to warn about.
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+    # Lightning recommends sync_dist for every value logged per epoch under DDP or DeepSpeed. val/* and
+    # test/* are already reduced over all processes (torchmetrics, before the exp), and InferenceCost's
+    # cost/* are measured on the first rank alone: syncing would average equal values, or hang.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"It is recommended to use `self.log\('(val|test|cost)/\w+', \.\.\., sync_dist=True\)`",
+    )
     rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTips) for f in rank_zero_logger.filters):
         rank_zero_logger.addFilter(_DropLightningTips())
