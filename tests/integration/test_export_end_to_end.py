@@ -133,6 +133,9 @@ def test_fit_export_load_without_sa_train_and_eval_offline(tmp_path, small_corpu
         )
     assert code == 0, err
     assert connections == []
+    # one bar for the cloze task's requests, none per perplexity window, no "too long for the model"
+    assert err.count("Running loglikelihood requests:   0%") <= 1, err[-3000:]
+    assert "longer than the specified maximum sequence length" not in err
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["n-samples"]["shakespeare_milton_cloze"]["effective"] == 3
     assert 0.0 <= results["results"]["shakespeare_milton_cloze"]["acc,none"] <= 1.0
