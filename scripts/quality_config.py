@@ -56,19 +56,23 @@ class Shape:
             "switch-late": "dense",
         }[variant]
 
+    def model_fields(self, groups: str) -> dict[str, Any]:
+        """``model.config`` of this shape with ``groups``: what a run's YAML and the cost model both take."""
+        return {
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "max_seq_len": self.seq_len,
+            "sa_groups": groups,
+        }
+
     def model_config(self, groups: str) -> Any:
         """The ``SAConfig`` of this shape with ``groups``, for the analytic costs of ``sa_train.cost``."""
         from sa_train.config import SAConfig
 
-        return SAConfig(
-            vocab_size=self.vocab_size,
-            d_model=self.d_model,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads,
-            max_seq_len=self.seq_len,
-            sa_groups=groups,
-        )
+        return SAConfig(**self.model_fields(groups))
 
     def train_flops_per_token(self, groups: str) -> float:
         from sa_train.cost import training_flops_per_token

@@ -80,11 +80,7 @@ def plot_curves(report: dict[str, Any], out: Path) -> Path:
             ax.set_ylabel("loss (nats/token); dots: validation")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def plot_compute(report: dict[str, Any], out: Path) -> Path:
@@ -142,6 +138,13 @@ def plot_compute(report: dict[str, Any], out: Path) -> Path:
             ax.set_ylabel("validation loss (nats/token)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+    return save(fig, out)
+
+
+def save(fig: Any, out: Path) -> Path:
+    """Write ``fig`` to ``out`` (its folder made) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

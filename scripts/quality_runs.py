@@ -77,15 +77,7 @@ class Study:
         shape, scale = self.shape(run.shape), self.scale
         config = json.loads(json.dumps(self.base))
         config["seed_everything"] = run.seed
-        config["model"]["config"].update(
-            vocab_size=shape.vocab_size,
-            d_model=shape.d_model,
-            n_layers=shape.n_layers,
-            n_heads=shape.n_heads,
-            n_kv_heads=shape.n_kv_heads,
-            max_seq_len=shape.seq_len,
-            sa_groups=run.groups,
-        )
+        config["model"]["config"].update(shape.model_fields(run.groups))
         config["model"]["lr"] = shape.lr
         config["model"]["optimizer"] = run.optimizer
         if run.switch_at is not None:
